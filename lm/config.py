@@ -1,0 +1,238 @@
+"""The base config: every value the library reads, with its default, plus validation.
+
+Experiments start from `get_base_config()` and override numbers. `resolve()` fills the
+values derived from others (written as 0 / -1 here) so the saved config states every
+number a run used; `validate()` rejects bad input with one line naming the field, before
+anything compiles.
+"""
+import difflib
+import math
+
+import ml_collections
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'stage')
+OPTIMIZERS = ('adamw', 'adam', 'adafactor', 'lion', 'sgd')
+SCHEDULES = ('cosine', 'wsd', 'constant')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'everything')
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'reference')
+TOKENIZERS = ('char', 'byte', 'spm_bpe', 'spm_unigram')
+PACKINGS = ('window', 'pack')
+
+
+class ConfigError(ValueError):
+  """Bad user input, reported as one line naming the field or file."""
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=-1,          # -1: taken from the tokenizer
+      vocab_multiple=1,       # pad the vocabulary to a multiple of this (for sharding / MXU tiles)
+      n_layers=4,
+      d_model=128,
+      n_heads=4,
+      n_kv_heads=0,           # 0: n_heads (multi-head); fewer gives grouped-query attention
+      d_ff=0,                 # 0: 4 * d_model
+      max_len=0,              # positions the model supports; 0: data.seq_len
+      causal=True,            # False: bidirectional encoder (masked-LM)
+      positions='learned',    # 'learned' (GPT-2) | 'rope' (Llama)
+      rope_theta=10000.0,
+      norm='layernorm',       # 'layernorm' | 'rmsnorm'
+      norm_eps=1e-5,
+      mlp='gelu',             # 'gelu' | 'swiglu'
+      use_bias=True,
+      tie_embeddings=True,
+      init_std=0.02,
+      dropout=0.0,
+      dtype='bfloat16',       # compute dtype; logits and loss are always float32
+      param_dtype='float32',
+      attention='xla',        # one of ATTENTION_IMPLEMENTATIONS
+      remat='none',           # one of REMAT_POLICIES
+      scan_layers=True,
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      # 'shakespeare' (shipped with the package), 'text:PATH', 'jsonl:PATH' or 'tfds:NAME'
+      source='shakespeare',
+      text_key='text',        # field holding the text in JSONL lines and TFDS examples
+      split_fractions=(0.9, 0.05, 0.05),  # train / validation / test, for local files
+      tfds_splits=('train', 'validation', 'test'),  # split names for tfds:NAME sources
+      tfds_data_dir='',       # '' : TFDS's default (~/tensorflow_datasets)
+      tokenizer='char',       # one of TOKENIZERS
+      spm_vocab_size=1024,    # for spm_* tokenizers, trained on the train split
+      seq_len=64,
+      packing='window',       # 'window': random windows of a token stream; 'pack': streamed docs
+      window_stride=1,        # distance between the starts of candidate training windows
+      add_eos=False,          # append an end-of-document token after every document
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name='adamw',           # one of OPTIMIZERS
+      lr=1e-3,
+      min_lr=1e-4,            # floor of the cosine / wsd decay
+      schedule='cosine',      # one of SCHEDULES
+      warmup_steps=100,
+      decay_steps=0,          # 0: train.steps
+      wsd_decay_fraction=0.2, # last fraction of decay_steps spent decaying in 'wsd'
+      b1=0.9,
+      b2=0.99,
+      eps=1e-8,
+      weight_decay=0.1,
+      decay_embeddings=True,  # weight decay on embedding tables (never on biases / norms)
+      clip_norm=1.0,          # 0: no clipping
+      max_nonfinite_steps=5,  # stop after this many non-finite updates in a row
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=2000,
+      batch_size=12,          # global batch, in sequences
+      grad_accum_steps=1,     # microbatches per step (batch_size must divide)
+      seed=1337,
+      log_every=50,
+      eval_every=250,
+      eval_batches=100,       # at most this many validation / test batches
+      eval_batch_size=12,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      async_checkpoints=True,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape=(1, 1, 1, 1),     # sizes of MESH_AXES; one may be -1 (all remaining devices)
+      # logical axis -> mesh axes. Parameters: embed, mlp, heads, kv_heads, head_dim, vocab,
+      # layers; activations: batch, length, act_embed, act_heads, act_mlp, act_vocab.
+      rules=(
+          ('batch', ('data', 'fsdp')),
+          ('embed', 'fsdp'),
+          ('mlp', 'tensor'),
+          ('heads', 'tensor'),
+          ('kv_heads', 'tensor'),
+          ('vocab', 'tensor'),
+          ('act_heads', 'tensor'),
+          ('act_kv_heads', 'tensor'),
+          ('act_mlp', 'tensor'),
+          ('act_vocab', 'tensor'),
+          ('layers', None),
+          ('head_dim', None),
+          ('length', None),
+          ('act_embed', None),
+      ),
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      num_tokens=200,         # printed at the end of training; 0 to skip
+      prompt='\n',
+      temperature=0.8,
+      top_k=0,                # 0: no top-k filter
+      top_p=1.0,
+  ))
+  return c
+
+
+def resolve(c: ml_collections.ConfigDict, vocab_size: int | None) -> ml_collections.ConfigDict:
+  """Returns a locked copy with every derived value (written 0 / -1 above) filled in; the
+  vocabulary size stays -1 until the tokenizer's `vocab_size` is given."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  m = c.model
+  if m.vocab_size == -1 and vocab_size is not None:
+    m.vocab_size = vocab_size
+  if m.vocab_size > 0:
+    m.vocab_size = math.ceil(m.vocab_size / m.vocab_multiple) * m.vocab_multiple
+  m.n_kv_heads = m.n_kv_heads or m.n_heads
+  m.d_ff = m.d_ff or 4 * m.d_model
+  m.max_len = m.max_len or c.data.seq_len
+  c.optim.decay_steps = c.optim.decay_steps or c.train.steps
+  c.lock()
+  return c
+
+
+def _one_of(field: str, value, allowed) -> None:
+  if value not in allowed:
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ''
+    raise ConfigError(f'config.{field}={value!r} is not one of {list(allowed)}{hint}')
+
+
+def mesh_shape(c: ml_collections.ConfigDict, device_count: int) -> tuple[int, ...]:
+  """config.mesh.shape with its -1 resolved against the device count."""
+  shape = tuple(int(s) for s in c.mesh.shape)
+  if len(shape) != len(MESH_AXES):
+    raise ConfigError(f'config.mesh.shape={shape} must have {len(MESH_AXES)} sizes, for {MESH_AXES}')
+  if shape.count(-1) > 1:
+    raise ConfigError(f'config.mesh.shape={shape} may contain at most one -1')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if known <= 0 or device_count % known:
+      raise ConfigError(f'config.mesh.shape={shape} does not divide the {device_count} devices')
+    shape = tuple(device_count // known if s == -1 else s for s in shape)
+  if math.prod(shape) != device_count:
+    raise ConfigError(f'config.mesh.shape={shape} needs {math.prod(shape)} devices '
+                      f'but {device_count} are available')
+  return shape
+
+
+def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
+  """Raises ConfigError for the first bad value; call on a resolved config before compiling
+  (once before building the tokenizer, and again after, with its vocabulary size)."""
+  m, t, d = c.model, c.train, c.data
+  _one_of('optim.name', c.optim.name, OPTIMIZERS)
+  _one_of('optim.schedule', c.optim.schedule, SCHEDULES)
+  _one_of('model.remat', m.remat, REMAT_POLICIES)
+  _one_of('model.attention', m.attention, ATTENTION_IMPLEMENTATIONS)
+  _one_of('model.positions', m.positions, ('learned', 'rope'))
+  _one_of('model.norm', m.norm, ('layernorm', 'rmsnorm'))
+  _one_of('model.mlp', m.mlp, ('gelu', 'swiglu'))
+  _one_of('data.tokenizer', d.tokenizer, TOKENIZERS)
+  _one_of('data.packing', d.packing, PACKINGS)
+  for name in ('n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'd_ff', 'vocab_multiple'):
+    if m[name] <= 0:
+      raise ConfigError(f'config.model.{name}={m[name]} must be positive')
+  for name in ('steps', 'batch_size', 'grad_accum_steps', 'eval_every', 'checkpoint_every',
+               'log_every', 'eval_batch_size', 'keep_checkpoints'):
+    if t[name] <= 0:
+      raise ConfigError(f'config.train.{name}={t[name]} must be positive')
+  if m.d_model % m.n_heads:
+    raise ConfigError(f'config.model.d_model={m.d_model} is not divisible by '
+                      f'config.model.n_heads={m.n_heads}')
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(f'config.model.n_heads={m.n_heads} is not divisible by '
+                      f'config.model.n_kv_heads={m.n_kv_heads}')
+  if m.positions == 'rope' and (m.d_model // m.n_heads) % 2:
+    raise ConfigError(f'rope needs an even head dimension, got config.model.d_model / n_heads '
+                      f'= {m.d_model // m.n_heads}')
+  if d.seq_len > m.max_len:
+    raise ConfigError(f'config.data.seq_len={d.seq_len} is longer than the model\'s '
+                      f'config.model.max_len={m.max_len} positions')
+  if m.attention == 'cudnn' and m.dtype not in ('bfloat16', 'float16'):
+    raise ConfigError(f"config.model.attention='cudnn' needs a 16-bit config.model.dtype, "
+                      f'got {m.dtype!r}')
+  data, fsdp, tensor, stage = mesh_shape(c, device_count)
+  if stage != 1:
+    raise ConfigError(f'config.mesh.shape={tuple(c.mesh.shape)}: pipeline stages are not '
+                      'supported yet; set the stage size to 1')
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f'config.train.batch_size={t.batch_size} is not divisible by '
+                      f'config.train.grad_accum_steps={t.grad_accum_steps}')
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % (data * fsdp):
+    raise ConfigError(f'global batch (config.train.batch_size={t.batch_size} / grad_accum_steps='
+                      f'{t.grad_accum_steps}) is not divisible by data x fsdp = {data * fsdp}')
+  if t.eval_batch_size % (data * fsdp):
+    raise ConfigError(f'config.train.eval_batch_size={t.eval_batch_size} is not divisible by '
+                      f'data x fsdp = {data * fsdp}')
+  for name in ('n_heads', 'n_kv_heads', 'd_ff', 'vocab_size'):
+    if m[name] % tensor and m[name] != -1:   # vocab_size is -1 until the tokenizer is built
+      raise ConfigError(f'config.model.{name}={m[name]} is not divisible by the tensor mesh '
+                        f'axis ({tensor}); change config.mesh.shape or config.model.{name}'
+                        + (' (see vocab_multiple)' if name == 'vocab_size' else ''))
+  if m.d_model % fsdp:
+    raise ConfigError(f'config.model.d_model={m.d_model} is not divisible by the fsdp mesh axis '
+                      f'({fsdp})')
+  o = c.optim
+  if not 0 <= o.warmup_steps < o.decay_steps:
+    raise ConfigError(f'config.optim.warmup_steps={o.warmup_steps} must be at least 0 and less '
+                      f'than config.optim.decay_steps={o.decay_steps} (0 means train.steps)')
+  if not sum(d.split_fractions) <= 1.0 + 1e-9 or min(d.split_fractions) <= 0:
+    raise ConfigError(f'config.data.split_fractions={tuple(d.split_fractions)} must be three '
+                      'positive fractions summing to at most 1')

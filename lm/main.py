@@ -1,0 +1,29 @@
+"""Command line: `python -m lm.main --config experiments/X.py --workdir DIR [--config.a.b=v]`."""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from lm import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file with get_config().',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (resumes if it has checkpoints).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from lm import train  # after flag parsing, so --help and flag errors do not import JAX
+  try:
+    train.train(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, train.NonFiniteError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

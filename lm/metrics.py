@@ -1,0 +1,75 @@
+"""Throughput and model FLOPs utilisation, and the writers: metrics.jsonl and TensorBoard."""
+import json
+import math
+
+import jax
+from etils import epath
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets; matched against
+# jax.Device.device_kind in order (so 'TPU v5 lite' is matched before 'TPU v5').
+PEAK_FLOPS = (
+    ('TPU v6 lite', 918e12), ('TPU v6e', 918e12),
+    ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12), ('TPU v5', 459e12),
+    ('TPU v4', 275e12),
+    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12),
+)
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  """Peak FLOP/s of one device, or None where unknown (CPUs among them)."""
+  for kind, peak in PEAK_FLOPS:
+    if kind.lower() in device.device_kind.lower():
+      return peak
+  return None
+
+
+def throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_token: float,
+               devices: list[jax.Device]) -> dict[str, float | None]:
+  """Step time, tokens/s, achieved TFLOP/s and MFU (None where the peak is unknown)."""
+  tokens_per_s = steps * tokens_per_step / seconds
+  flops = tokens_per_s * flops_per_token
+  peak = peak_flops(devices[0])
+  return {'step_ms': 1e3 * seconds / steps, 'tokens_per_s': tokens_per_s,
+          'tflops': flops / 1e12, 'mfu': flops / (peak * len(devices)) if peak else None}
+
+
+class MetricsWriter:
+  """Appends `{'step': n, name: value, ...}` lines to metrics.jsonl and TensorBoard events.
+
+  On resume from `start_step`, lines and events logged after it by the interrupted run
+  are dropped, so the files read as one uninterrupted run."""
+
+  def __init__(self, workdir: epath.Path, start_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    self.path = workdir / 'metrics.jsonl'
+    if self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line)['step'] <= start_step]
+      self.path.write_text(''.join(line + '\n' for line in kept))
+    from tensorboardX import SummaryWriter  # imported here: only the logging process needs it
+    self.tb = SummaryWriter(str(workdir / 'tensorboard'),
+                            purge_step=start_step + 1 if start_step else None)
+
+  def write(self, step: int, metrics: dict[str, float | None]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: _plain(v) for k, v in metrics.items()}
+    with self.path.open('a') as f:
+      f.write(json.dumps({'step': step, **clean}) + '\n')
+    for name, value in clean.items():
+      if value is not None and not isinstance(value, str):
+        self.tb.add_scalar(name, value, step)
+    self.tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.tb.close()
+
+
+def _plain(value):
+  if value is None or isinstance(value, str):
+    return value
+  value = float(value)
+  return value if math.isfinite(value) else str(value)

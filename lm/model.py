@@ -1,0 +1,238 @@
+"""A functional transformer in Flax Linen: GPT-2 and Llama styles, causal or bidirectional.
+
+Shape letters: B batch, L length, D d_model, H query heads, K key/value heads, Dh head
+dimension, F MLP width, V vocabulary. Every parameter carries logical axis names
+(`nn.with_logical_partitioning`); `lm/sharding.py` maps them onto the mesh.
+"""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lm import attention as attention_lib
+
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'everything': jax.checkpoint_policies.everything_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model's hyper-parameters (config.model after `lm.config.resolve`)."""
+  vocab_size: int
+  n_layers: int
+  d_model: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  max_len: int
+  causal: bool = True
+  positions: str = 'learned'
+  rope_theta: float = 10000.0
+  norm: str = 'layernorm'
+  norm_eps: float = 1e-5
+  mlp: str = 'gelu'
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  dropout: float = 0.0
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  attention: str = 'xla'
+  remat: str = 'none'
+  scan_layers: bool = True
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict) -> 'ModelConfig':
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in model.items() if k in fields})
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  def param_counts(self) -> dict[str, int]:
+    """Parameter counts: `total`, and `non_embedding` (without token / position tables and
+    an untied output head, as in Kaplan et al. 2020)."""
+    D, F, V, Dh = self.d_model, self.d_ff, self.vocab_size, self.head_dim
+    b = int(self.use_bias)
+    attn = D * (self.n_heads + 2 * self.n_kv_heads) * Dh + self.n_heads * Dh * D
+    attn += b * ((self.n_heads + 2 * self.n_kv_heads) * Dh + D)
+    mlp_in = 2 * F if self.mlp == 'swiglu' else F
+    mlp = D * mlp_in + F * D + b * (mlp_in + D)
+    norm = D * (2 if self.norm == 'layernorm' and self.use_bias else 1)
+    per_layer = attn + mlp + 2 * norm
+    non_embedding = self.n_layers * per_layer + norm
+    embedding = V * D * (1 if self.tie_embeddings else 2)
+    if self.positions == 'learned':
+      embedding += self.max_len * D
+    return {'total': non_embedding + embedding, 'non_embedding': non_embedding}
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM's convention (Chowdhery et al. 2022, appendix B):
+    6 * N + 12 * n_layers * n_heads * head_dim * seq_len, where N counts every parameter
+    used in a matmul (non-embedding parameters plus the V x D output projection) and the
+    attention term counts the full (not causally halved) score and value products."""
+    matmul_params = self.param_counts()['non_embedding'] + self.vocab_size * self.d_model
+    attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+    return 6.0 * matmul_params + attention
+
+
+class Linear(nn.Module):
+  """x[..., *in] @ kernel[*in, *out] (+ bias), as one 2-D matmul, with logical axes."""
+  out_shape: tuple[int, ...]
+  axes: tuple[str | None, ...]   # logical names of the kernel's in and out dimensions
+  n_in: int = 1                  # how many trailing dimensions of x are contracted
+  use_bias: bool = True
+  std: float = 0.02
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[-self.n_in:]
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        nn.initializers.normal(self.std), self.axes), (*in_shape, *self.out_shape),
+        self.param_dtype)
+    flat_in = math.prod(in_shape)
+    y = jnp.dot(x.reshape(-1, flat_in).astype(self.dtype),
+                kernel.reshape(flat_in, -1).astype(self.dtype))
+    y = y.reshape(*x.shape[:-self.n_in], *self.out_shape)
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, self.axes[self.n_in:]), self.out_shape, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones, ('embed',))
+  if cfg.norm == 'rmsnorm':
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      scale_init=scale_init, name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, scale_init=scale_init,
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+                      name=name)
+
+
+def rotary(x_BxLxNxDh, theta: float):
+  """Rotary position embedding (Su et al. 2021), rotating the two halves of each head."""
+  L, Dh = x_BxLxNxDh.shape[1], x_BxLxNxDh.shape[-1]
+  freqs = theta ** (-jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh)
+  angles_LxDh2 = jnp.arange(L, dtype=jnp.float32)[:, None] * freqs[None, :]
+  sin, cos = jnp.sin(angles_LxDh2)[:, None, :], jnp.cos(angles_LxDh2)[:, None, :]
+  x1, x2 = jnp.split(x_BxLxNxDh.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxLxNxDh.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    dense = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    q_BxLxHxDh = Linear((H, Dh), ('embed', 'heads', 'head_dim'), std=cfg.init_std,
+                        name='q', **dense)(x_BxLxD)
+    kv_BxLx2xKxDh = Linear((2, K, Dh), ('embed', None, 'kv_heads', 'head_dim'),
+                           std=cfg.init_std, name='kv', **dense)(x_BxLxD)
+    k_BxLxKxDh, v_BxLxKxDh = kv_BxLx2xKxDh[:, :, 0], kv_BxLx2xKxDh[:, :, 1]
+    if cfg.positions == 'rope':
+      q_BxLxHxDh = rotary(q_BxLxHxDh, cfg.rope_theta)
+      k_BxLxKxDh = rotary(k_BxLxKxDh, cfg.rope_theta)
+    q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ('batch', 'length', 'act_heads', None))
+    out_BxLxHxDh = attention_lib.attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
+                                           causal=cfg.causal, implementation=cfg.attention)
+    # GPT-2's scaled init of residual projections: std / sqrt(2 * n_layers).
+    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+    y_BxLxD = Linear((cfg.d_model,), ('heads', 'head_dim', 'embed'), n_in=2, std=out_std,
+                     name='o', **dense)(out_BxLxHxDh)
+    return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BxLxD)
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    dense = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    if cfg.mlp == 'swiglu':
+      gate_up = Linear((2, cfg.d_ff), ('embed', None, 'mlp'), std=cfg.init_std, name='wi',
+                       **dense)(x_BxLxD)
+      h_BxLxF = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+    else:
+      h_BxLxF = nn.gelu(Linear((cfg.d_ff,), ('embed', 'mlp'), std=cfg.init_std, name='wi',
+                               **dense)(x_BxLxD))
+    h_BxLxF = nn.with_logical_constraint(h_BxLxF, ('batch', 'length', 'act_mlp'))
+    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+    y_BxLxD = Linear((cfg.d_model,), ('mlp', 'embed'), std=out_std, name='wo', **dense)(h_BxLxF)
+    return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BxLxD)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block; returns (x, None) so that nn.scan can stack it."""
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, _=None):
+    x_BxLxD = x_BxLxD + Attention(self.cfg, self.deterministic, name='attn')(
+        make_norm(self.cfg, 'norm_attn')(x_BxLxD))
+    x_BxLxD = x_BxLxD + Mlp(self.cfg, self.deterministic, name='mlp')(
+        make_norm(self.cfg, 'norm_mlp')(x_BxLxD))
+    return nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'act_embed')), None
+
+
+class Transformer(nn.Module):
+  """tokens_BxL -> float32 logits_BxLxV."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, train: bool = False):
+    cfg = self.cfg
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(cfg.init_std), ('vocab', 'embed')), name='embed')
+    x_BxLxD = embed(tokens_BxL)
+    if cfg.positions == 'learned':
+      pos_LxD = self.param('pos_embed', nn.with_logical_partitioning(
+          nn.initializers.normal(cfg.init_std), (None, 'embed')), (cfg.max_len, cfg.d_model),
+          cfg.param_dtype)
+      x_BxLxD = x_BxLxD + pos_LxD[:tokens_BxL.shape[1]].astype(cfg.dtype)
+    x_BxLxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxLxD)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'act_embed'))
+
+    block = Block
+    if cfg.remat != 'none':
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True,
+                      'dropout': True}, length=cfg.n_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BxLxD, _ = stack(cfg, not train, name='layers')(x_BxLxD, None)
+    else:
+      for i in range(cfg.n_layers):
+        x_BxLxD, _ = block(cfg, not train, name=f'layers_{i}')(x_BxLxD)
+
+    x_BxLxD = make_norm(cfg, 'norm_out')(x_BxLxD)
+    if cfg.tie_embeddings:
+      table_VxD = embed.embedding
+    else:
+      table_VxD = self.param('head', nn.with_logical_partitioning(
+          nn.initializers.normal(cfg.init_std), ('vocab', 'embed')),
+          (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
+    logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD.astype(cfg.dtype),
+                              table_VxD.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits_BxLxV, ('batch', 'length', 'act_vocab'))

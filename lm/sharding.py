@@ -1,0 +1,50 @@
+"""The device mesh and the mapping of logical axis names onto it.
+
+Data, FSDP and tensor parallelism are only mesh shapes plus the rules table in
+`config.mesh.rules`; model code only names axes.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lm import config as config_lib
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+def make_mesh(shape: tuple[int, ...], devices=None) -> Mesh:
+  """A mesh over MESH_AXES. Built with `Mesh` (Auto axes): Flax's logical constraints fail
+  on the Explicit axes that `jax.make_mesh` now gives by default."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices).reshape(shape), config_lib.MESH_AXES)
+
+
+def rules(config) -> tuple[tuple[str, Any], ...]:
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in config.mesh.rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sequences split over the data and fsdp axes."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def params_shardings(boxed_params, mesh: Mesh, axis_rules):
+  """NamedShardings for parameters that carry logical axis metadata (abstract or real)."""
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_params), mesh, axis_rules)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_shardings,
+                        mesh: Mesh):
+  """Optimizer-state leaves shaped like parameters are sharded like them; the rest (counts,
+  factored statistics) are replicated."""
+  return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt_state,
+                               param_shardings, transform_non_params=lambda _: replicated(mesh))

@@ -1,0 +1,157 @@
+"""The training loop: data, init or resume, train / eval / checkpoint, final test and sample."""
+import math
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from etils import epath
+
+from lm import checkpoint
+from lm import config as config_lib
+from lm import metrics as metrics_lib
+from lm import sample
+from lm import sharding
+from lm import steps
+from lm.data import pipeline
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite updates in a row."""
+
+
+def global_batch(program: steps.Program, local_batch: dict[str, np.ndarray]):
+  """This process's rows -> one array over all processes' devices."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      program.batch_sharding, x), local_batch)
+
+
+def evaluate(program: steps.Program, params, batches) -> float:
+  """Mean token loss over the batches."""
+  total, count = 0.0, 0.0
+  for batch in batches:
+    batch_total, batch_count = program.eval_step(params, global_batch(program, batch))
+    total, count = total + batch_total, count + batch_count
+  return float(total / count)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: epath.Path | None):
+  """Validated config (with the tokenizer's vocabulary), data and compiled program."""
+  device_count = jax.device_count()
+  config_lib.validate(config_lib.resolve(config, None), device_count)  # before any slow work
+  data = pipeline.make_data(config, workdir)
+  config = config_lib.resolve(config, data.tokenizer.vocab_size)
+  config_lib.validate(config, device_count)
+  mesh = sharding.make_mesh(config_lib.mesh_shape(config, device_count))
+  return config, data, steps.build(config, mesh)
+
+
+class Logger:
+  """Metrics of step n-1 are fetched after step n is dispatched, so the host never stalls
+  the device; it checks them for non-finite streaks and writes every log_every steps."""
+
+  def __init__(self, config, program, writer, bar, start_step: int):
+    self.config, self.writer, self.bar = config, writer, bar
+    self.tokens_per_step = config.train.batch_size * config.data.seq_len
+    self.flops_per_token = program.model_config.flops_per_token(config.data.seq_len)
+    self.pending = None
+    self.interval_start = (start_step + 1, None)   # the first step also compiles: not timed
+
+  def push(self, step: int, metrics) -> None:
+    if self.pending is not None:
+      self._handle(*self.pending)
+    self.pending = (step, metrics)
+
+  def flush(self) -> None:
+    if self.pending is not None:
+      self._handle(*self.pending)
+      self.pending = None
+
+  def _handle(self, step: int, device_metrics) -> None:
+    m = jax.device_get(device_metrics)
+    limit = self.config.optim.max_nonfinite_steps
+    if m['nonfinite_streak'] >= limit:
+      raise NonFiniteError(f'step {step}: {int(m["nonfinite_streak"])} updates in a row had '
+                           f'non-finite gradients (config.optim.max_nonfinite_steps={limit}); '
+                           'stopping. Lower the learning rate or check the data.')
+    first, started = self.interval_start
+    if started is None:
+      self.interval_start = (step, time.perf_counter())
+    if step % self.config.train.log_every:
+      return
+    row = {'loss': m['loss'], 'perplexity': math.exp(min(m['loss'], 50.0)),
+           'lr': m['lr'], 'grad_norm': m['grad_norm'], 'skipped_steps': m['skipped_steps']}
+    now = time.perf_counter()
+    if started is not None and step > first:
+      row.update(metrics_lib.throughput(step - first, now - started, self.tokens_per_step,
+                                        self.flops_per_token, jax.devices()))
+      self.interval_start = (step, now)
+    self.writer.write(step, row)
+    self.bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[str, float]:
+  """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
+  start_time = time.perf_counter()
+  workdir = epath.Path(workdir)
+  is_main = jax.process_index() == 0
+  config, data, program = setup(config, workdir)
+  t = config.train
+  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', t.keep_checkpoints,
+                                 t.async_checkpoints)
+  state = ckpt.restore_latest(program.abstract_state, data.train)
+  if state is None:
+    state = program.init(jax.random.PRNGKey(t.seed))
+  start_step = int(state.step)
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    counts = program.model_config.param_counts()
+    print(f'{"resuming at step " + str(start_step) if start_step else "starting"}: '
+          f'{counts["total"]:,} parameters ({counts["non_embedding"]:,} non-embedding), '
+          f'vocabulary {config.model.vocab_size}, mesh {dict(program.mesh.shape)}')
+  writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main)
+  bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
+                  dynamic_ncols=True)
+  logger = Logger(config, program, writer, bar, start_step)
+  val_loss = None
+  for step in range(start_step + 1, t.steps + 1):
+    state, step_metrics = program.train_step(state, global_batch(program, next(data.train)))
+    logger.push(step, step_metrics)
+    if step % t.eval_every == 0 or step == t.steps:
+      logger.flush()
+      val_loss = evaluate(program, state.params, data.eval['validation'])
+      writer.write(step, {'val_loss': val_loss})
+      bar.write(f'step {step}: val_loss {val_loss:.4f}')
+    if step % t.checkpoint_every == 0 or step == t.steps:
+      ckpt.save(step, state, data.train)
+    bar.update()
+  logger.flush()
+  bar.close()
+  ckpt.wait()
+  ckpt.close()
+  test_loss = evaluate(program, state.params, data.eval['test'])
+  if val_loss is None:
+    val_loss = evaluate(program, state.params, data.eval['validation'])
+  writer.write(t.steps, {'test_loss': test_loss})
+  writer.close()
+  wall = time.perf_counter() - start_time
+  if is_main:
+    _print_sample(config, program, state.params, data.tokenizer)
+    print(f'done: {t.steps} steps, val_loss {val_loss:.4f}, test_loss {test_loss:.4f}, '
+          f'{wall:.1f}s wall, workdir {workdir}')
+  return {'val_loss': val_loss, 'test_loss': test_loss, 'wall_s': wall}
+
+
+def _print_sample(config, program: steps.Program, params, tokenizer) -> None:
+  s = config.sample
+  if s.num_tokens <= 0:
+    return
+  prompt = tokenizer.encode(s.prompt)
+  ids = sample.generate(program.model, params, prompt, s.num_tokens,
+                        vocab_size=tokenizer.vocab_size, max_len=config.data.seq_len,
+                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                        rng=jax.random.PRNGKey(config.train.seed))
+  print('sample:\n' + tokenizer.decode(ids))
+
