@@ -42,9 +42,11 @@ def params_shardings(boxed_params, mesh: Mesh, axis_rules):
   return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_params), mesh, axis_rules)
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_shardings,
-                        mesh: Mesh):
-  """Optimizer-state leaves shaped like parameters are sharded like them; the rest (counts,
-  factored statistics) are replicated."""
-  return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt_state,
-                               param_shardings, transform_non_params=lambda _: replicated(mesh))
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, abstract_params,
+                        param_shardings, mesh: Mesh):
+  """Optimizer-state leaves shaped like their parameter are sharded like it; the rest
+  (counts, Adafactor's factored statistics) are replicated."""
+  return optax.tree_map_params(
+      tx, lambda leaf, param, sharding: sharding if leaf.shape == param.shape else replicated(mesh),
+      abstract_opt_state, abstract_params, param_shardings,
+      transform_non_params=lambda _: replicated(mesh))

@@ -66,7 +66,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, accum_steps):
   loss, grads = loss_and_grads(state.params, batch, rng, model, accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step),
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step),
              'skipped_steps': opt_state.total_notfinite,
              'nonfinite_streak': opt_state.notfinite_count}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -114,11 +114,13 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
 
   boxed = _in_mesh(jax.eval_shape, mesh, rules)(init_params, jax.random.PRNGKey(0))
   params_sharding = sharding.params_shardings(boxed, mesh, rules)
-  abstract_opt_state = jax.eval_shape(tx.init, nn.unbox(boxed))
+  abstract_params = nn.unbox(boxed)
+  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
   replicated = sharding.replicated(mesh)
   state_sharding = TrainState(
       step=replicated, params=params_sharding, rng=replicated,
-      opt_state=sharding.opt_state_shardings(tx, abstract_opt_state, params_sharding, mesh))
+      opt_state=sharding.opt_state_shardings(tx, abstract_opt_state, abstract_params,
+                                             params_sharding, mesh))
 
   def init(rng):
     params = nn.unbox(init_params(rng))

@@ -1,0 +1,125 @@
+"""The transformer: parameter counts, attention kernels, scan / remat equivalences."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import attention
+from lm import config as config_lib
+from lm import model as model_lib
+from lm import steps
+from tests.conftest import tiny_config
+
+LLAMA = dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
+             tie_embeddings=False, n_kv_heads=2)
+
+
+def _model(**overrides):
+  config = config_lib.resolve(tiny_config(**overrides), None)
+  return model_lib.Transformer(model_lib.ModelConfig.from_config(config.model)), config
+
+
+def _tokens(shape=(2, 16), seed=0):
+  return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, 64)
+
+
+@pytest.mark.parametrize('overrides', [{}, LLAMA, dict(use_bias=False, tie_embeddings=False)])
+def test_param_counts_match_initialised_model(overrides):
+  model, _ = _model(**overrides)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), _tokens())['params'])
+  total = sum(x.size for x in jax.tree.leaves(params))
+  counts = model.cfg.param_counts()
+  assert counts['total'] == total
+  tables = params['embed']['embedding'].size + params.get('pos_embed', np.zeros(0)).size
+  tables += params.get('head', np.zeros(0)).size
+  assert counts['non_embedding'] == total - tables
+
+
+def test_flops_per_token_follows_palm_convention():
+  cfg = model_lib.ModelConfig(vocab_size=65, n_layers=4, d_model=128, n_heads=4, n_kv_heads=4,
+                              d_ff=512, max_len=64)
+  n = cfg.param_counts()['non_embedding'] + 65 * 128
+  assert cfg.flops_per_token(64) == 6 * n + 12 * 4 * 128 * 64
+
+
+@pytest.mark.parametrize('causal', [True, False])
+@pytest.mark.parametrize('kv_heads', [4, 2, 1])
+def test_xla_attention_matches_reference(causal, kv_heads):
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  q = jax.random.normal(keys[0], (2, 16, 4, 8))
+  k = jax.random.normal(keys[1], (2, 16, kv_heads, 8))
+  v = jax.random.normal(keys[2], (2, 16, kv_heads, 8))
+  ours = attention.attention(q, k, v, causal=causal, implementation='xla')
+  ref = attention.reference_attention(q, k, v, causal)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_attention_against_numpy():
+  """An independent NumPy softmax attention for one head."""
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((1, 5, 1, 4)).astype(np.float32) for _ in range(3))
+  scores = q[0, :, 0] @ k[0, :, 0].T / 2.0
+  scores = np.where(np.tril(np.ones((5, 5), bool)), scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  np.testing.assert_allclose(attention.reference_attention(q, k, v, True)[0, :, 0],
+                             probs @ v[0, :, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_causal_mask_hides_the_future(causal):
+  model, _ = _model(causal=causal)
+  tokens = _tokens()
+  params = model.init(jax.random.PRNGKey(0), tokens)['params']
+  changed = tokens.at[:, -1].set((tokens[:, -1] + 1) % 64)
+  apply = jax.jit(lambda t: model.apply({'params': params}, t))
+  a, b = apply(tokens), apply(changed)
+  first_positions_equal = np.allclose(a[:, :-1], b[:, :-1], atol=1e-6)
+  assert first_positions_equal == causal
+
+
+def _loss_and_grads(overrides, params, tokens):
+  model, _ = _model(**overrides)
+  batch = {'inputs': tokens, 'targets': jnp.roll(tokens, -1, axis=1)}
+  return jax.jit(lambda p, b: steps.loss_and_grads(p, b, jax.random.PRNGKey(0), model, 1))(
+      params, batch)
+
+
+def _unstack(scanned, n_layers):
+  params = {k: v for k, v in scanned.items() if k != 'layers'}
+  for i in range(n_layers):
+    params[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], scanned['layers'])
+  return params
+
+
+@pytest.mark.parametrize('style', [{}, LLAMA])
+def test_scan_equals_unrolled_and_remat_equals_plain(style):
+  model, config = _model(**style)
+  tokens = _tokens()
+  scanned = nn.unbox(model.init(jax.random.PRNGKey(0), tokens)['params'])
+  loss, grads = _loss_and_grads(style, scanned, tokens)
+  for remat in ('full', 'dots', 'dots_no_batch'):
+    loss_r, grads_r = _loss_and_grads({**style, 'remat': remat}, scanned, tokens)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 grads_r, grads)
+  unrolled = _unstack(scanned, config.model.n_layers)
+  for remat in ('none', 'full'):
+    loss_u, grads_u = _loss_and_grads({**style, 'scan_layers': False, 'remat': remat},
+                                      unrolled, tokens)
+    np.testing.assert_allclose(loss_u, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 grads_u, _unstack(grads, config.model.n_layers))
+
+
+def test_rope_is_relative():
+  """Rotary embeddings make q.k depend only on the distance between positions."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 1, 8))
+  y = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 1, 8))
+  def score(i, j):
+    q = model_lib.rotary(jnp.tile(x, (1, 12, 1, 1)), 10000.0)[0, i, 0]
+    k = model_lib.rotary(jnp.tile(y, (1, 12, 1, 1)), 10000.0)[0, j, 0]
+    return float(q @ k)
+  np.testing.assert_allclose(score(3, 1), score(10, 8), rtol=1e-5)
+  assert abs(score(3, 1) - score(3, 2)) > 1e-4
