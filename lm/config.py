@@ -99,7 +99,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
-      shape=(1, 1, 1, 1),     # sizes of MESH_AXES; one may be -1 (all remaining devices)
+      shape=(-1, 1, 1, 1),    # sizes of MESH_AXES; one may be -1 (all remaining devices)
       # logical axis -> mesh axes. Parameters: embed, mlp, heads, kv_heads, head_dim, vocab,
       # layers; activations: batch, length, act_embed, act_heads, act_mlp, act_vocab.
       rules=(

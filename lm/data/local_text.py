@@ -42,7 +42,8 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     text = epath.Path(cfg.path).read_text(encoding='utf-8')
     if cfg.fmt == 'jsonl':
-      docs = [json.loads(line)[cfg.text_key] for line in text.splitlines() if line.strip()]
+      docs = [_jsonl_text(line, cfg, i + 1) for i, line in enumerate(text.splitlines())
+              if line.strip()]
       pieces = _cut(docs, cfg.fractions)
     else:
       pieces = [_records(piece) for piece in _cut(text, cfg.fractions)]
@@ -51,6 +52,17 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, docs):
     for i, doc in enumerate(docs):
       yield i, {'text': doc}
+
+
+def _jsonl_text(line: str, cfg: LocalTextConfig, line_number: int) -> str:
+  try:
+    value = json.loads(line)[cfg.text_key]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f'{cfg.path}:{line_number}: not a JSON object with a string field '
+                     f'{cfg.text_key!r} (config.data.text_key): {type(e).__name__} {e}') from None
+  if not isinstance(value, str):
+    raise ValueError(f'{cfg.path}:{line_number}: field {cfg.text_key!r} is not a string')
+  return value
 
 
 def _cut(items, fractions):

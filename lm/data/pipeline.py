@@ -62,14 +62,15 @@ def documents(data_cfg, process_count: int = 1) -> dict[str, grain.MapDataset]:
     tfds.display_progress_bar(False)   # one small file: its per-split bars are only noise
     builder.download_and_prepare()
     sources = {split: builder.as_data_source(split) for split in local_text.SPLITS}
+    key = 'text'
   elif kind == 'tfds':
     sources = {split: tfds.data_source(name, split=tfds_split, data_dir=data_dir,
                                        download=True)
                for split, tfds_split in zip(local_text.SPLITS, data_cfg.tfds_splits)}
+    key = data_cfg.text_key
   else:
     raise ConfigError(f"config.data.source={data_cfg.source!r} must be 'shakespeare', "
                       "'text:PATH', 'jsonl:PATH' or 'tfds:NAME'")
-  key = data_cfg.text_key
   return {split: grain.MapDataset.source(src).map(lambda ex: _as_text(ex[key]))
           for split, src in sources.items()}
 

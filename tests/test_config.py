@@ -1,0 +1,86 @@
+"""Bad input gives one clear line naming the field or file, before anything compiles."""
+import os
+import subprocess
+import sys
+
+import pytest
+from etils import epath
+
+from lm import config as config_lib
+from lm.data import pipeline
+from tests.conftest import tiny_config
+
+
+def _validate(config, devices=8):
+  config_lib.validate(config_lib.resolve(config, None), devices)
+
+
+@pytest.mark.parametrize('overrides, devices, message', [
+    ({'model.d_model': 30}, 8, r'config.model.d_model=30 is not divisible by config.model.n_heads=8'),
+    ({'model.n_kv_heads': 3}, 8, r'config.model.n_heads=8 is not divisible by config.model.n_kv_heads=3'),
+    ({'mesh.shape': (2, 2, 1, 1)}, 8, r'config.mesh.shape=\(2, 2, 1, 1\) needs 4 devices but 8'),
+    ({'mesh.shape': (-1, 3, 1, 1)}, 8, r'does not divide the 8 devices'),
+    ({'train.batch_size': 12}, 8, r'global batch .* not divisible by data x fsdp = 8'),
+    ({'data.seq_len': 100, 'model.max_len': 64}, 1, r'config.data.seq_len=100 is longer than .*max_len=64'),
+    ({'optim.name': 'adamww'}, 1, r"config.optim.name='adamww' is not one of .*did you mean 'adamw'"),
+    ({'optim.schedule': 'cosin'}, 1, r"config.optim.schedule='cosin' is not one of"),
+    ({'model.remat': 'dot'}, 1, r"config.model.remat='dot' is not one of"),
+    ({'model.attention': 'flash'}, 1, r"config.model.attention='flash' is not one of"),
+    ({'model.attention': 'cudnn'}, 1, r"attention='cudnn' needs a 16-bit"),
+    ({'mesh.shape': (1, 1, 8, 1), 'model.n_heads': 4, 'model.n_kv_heads': 4}, 8,
+     r'config.model.n_heads=4 is not divisible by the tensor mesh axis \(8\)'),
+    ({'optim.warmup_steps': 50, 'train.steps': 20}, 1, r'warmup_steps=50 must be .* less than'),
+])
+def test_bad_config_names_the_field(overrides, devices, message):
+  config = tiny_config()
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    _validate(config, devices)
+
+
+def test_tiny_config_is_valid():
+  _validate(tiny_config(), 8)
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, 'file not found'), (b'', 'file is empty'), (b'  \n', 'file is empty'),
+    (b'hello \xff\xfe world', 'is not UTF-8 text \\(bad byte at offset 6\\)'),
+])
+def test_bad_corpus_file_names_the_file(tmp_path, content, message):
+  path = epath.Path(tmp_path) / 'corpus.txt'
+  if content is not None:
+    path.write_bytes(content)
+  c = tiny_config()
+  c.data.source = f'text:{path}'
+  with pytest.raises(config_lib.ConfigError, match=f'config.data.source: .*{message}'):
+    pipeline.documents(c.data)
+
+
+def test_corpus_shorter_than_a_sequence(tmp_path, tfds_dir):
+  path = epath.Path(tmp_path) / 'short.txt'
+  path.write_text('a few words\n' * 40)
+  c = tiny_config()
+  c.data.update(source=f'text:{path}', seq_len=64, tfds_data_dir=tfds_dir)
+  with pytest.raises(config_lib.ConfigError, match=r'validation split has \d+ tokens, fewer '
+                                                   r'than one sequence'):
+    pipeline.make_data(c, None)
+
+
+def test_unknown_source_kind():
+  c = tiny_config()
+  c.data.source = 'hf:wikitext'
+  with pytest.raises(config_lib.ConfigError, match="config.data.source='hf:wikitext' must be"):
+    pipeline.documents(c.data)
+
+
+def test_main_prints_one_line_and_exits_2(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  result = subprocess.run(
+      [sys.executable, '-m', 'lm.main', '--config', 'experiments/shakespeare_char.py',
+       '--workdir', str(tmp_path), '--config.model.n_heads=3'],
+      capture_output=True, text=True, env=env, cwd=epath.Path(__file__).parent.parent)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: config.model.d_model=128 is not divisible by config.model.n_heads=3')

@@ -1,0 +1,140 @@
+"""End to end: the main command, exact resume after a kill, checkpoint fallback, learning."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+
+from lm import train
+
+ROOT = epath.Path(__file__).parent.parent
+SMALL = ['--config.model.n_layers=2', '--config.model.d_model=64', '--config.train.steps=60',
+         '--config.train.checkpoint_every=30', '--config.train.eval_every=30',
+         '--config.train.eval_batches=2', '--config.train.log_every=1',
+         '--config.optim.warmup_steps=10', '--config.sample.num_tokens=0']
+
+# Run lm.main, but SIGKILL the process when it reaches step KILL_AT (after the checkpoint
+# of step WAIT_AT has been written), as a crash or preemption would.
+KILLED_MAIN = '''
+import os, signal, sys
+from absl import app
+from lm import checkpoint, main, train
+KILL_AT, WAIT_AT = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+save, push = checkpoint.Checkpointer.save, train.Logger.push
+def save_and_wait(self, step, *args):
+  save(self, step, *args)
+  if step == WAIT_AT:
+    self.wait()
+def push_or_die(self, step, metrics):
+  if step == KILL_AT:
+    os.kill(os.getpid(), signal.SIGKILL)
+  push(self, step, metrics)
+checkpoint.Checkpointer.save, train.Logger.push = save_and_wait, push_or_die
+app.run(main.main)
+'''
+
+
+def run_main(workdir, *flags, config='experiments/shakespeare_char.py', kill_at=None,
+             check=True):
+  """Runs the main command in a fresh process on one CPU device."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  prefix = ['-c', KILLED_MAIN, str(kill_at), '30'] if kill_at else ['-m', 'lm.main']
+  result = subprocess.run([sys.executable, *prefix, '--config', config, '--workdir',
+                           str(workdir), *flags], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+  if check and result.returncode:
+    raise AssertionError(f'exit {result.returncode}\n{result.stdout}\n{result.stderr[-3000:]}')
+  return result
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (epath.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+
+
+def losses_by_step(workdir):
+  return {m['step']: m['loss'] for m in read_metrics(workdir) if 'loss' in m}
+
+
+def load_params(workdir, step):
+  path = epath.Path(workdir) / 'checkpoints' / str(step) / 'state'
+  return ocp.StandardCheckpointer().restore(path)['params']
+
+
+def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
+  data_dir = f'--config.data.tfds_data_dir={tfds_dir}'
+  whole, killed = tmp_path / 'whole', tmp_path / 'killed'
+  run_main(whole, *SMALL, data_dir)
+  crashed = run_main(killed, *SMALL, data_dir, kill_at=35, check=False)
+  assert crashed.returncode == -9, crashed.stderr[-2000:]
+  assert max(losses_by_step(killed)) >= 33        # it logged past the checkpoint, then died
+  resumed = run_main(killed, *SMALL, data_dir)
+  assert 'resuming at step 30' in resumed.stdout
+
+  # the same losses at every step (so the same batches) and bitwise the same parameters
+  assert losses_by_step(killed) == losses_by_step(whole)
+  assert sorted(losses_by_step(killed)) == list(range(1, 61))
+  a, b = load_params(whole, 60), load_params(killed, 60)
+  import jax
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  final = [m for m in read_metrics(killed) if 'test_loss' in m]
+  assert len(final) == 1 and final[0] == [m for m in read_metrics(whole) if 'test_loss' in m][0]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, tfds_dir):
+  workdir = tmp_path / 'run'
+  flags = [*SMALL, f'--config.data.tfds_data_dir={tfds_dir}']
+  run_main(workdir, *flags)
+  for f in (workdir / 'checkpoints' / '60' / 'state').rglob('*'):
+    if f.is_file():
+      f.write_bytes(b'garbage')
+  result = run_main(workdir, *flags, '--config.train.steps=70')
+  assert 'checkpoint 60' in result.stderr and 'falling back' in result.stderr
+  assert 'resuming at step 30' in result.stdout
+  assert max(losses_by_step(workdir)) == 70
+
+
+def test_smoke_main_command_leaves_its_artifacts(tmp_path, tfds_dir):
+  """The 2-minute smoke version of the README's main command."""
+  workdir = tmp_path / 'smoke'
+  result = run_main(workdir, f'--config.data.tfds_data_dir={tfds_dir}',
+                    config='experiments/shakespeare_char.py:smoke')
+  assert 'sample:' in result.stdout and 'done: 60 steps' in result.stdout
+  assert 'train' in result.stderr                  # the progress bar
+  metrics = read_metrics(workdir)
+  assert [m['step'] for m in metrics if 'val_loss' in m] == [30, 60]
+  assert 'test_loss' in metrics[-1] and metrics[-1]['step'] == 60
+  logged = [m for m in metrics if 'loss' in m]
+  assert {'perplexity', 'lr', 'grad_norm', 'tokens_per_s', 'tflops', 'step_ms'} <= set(logged[-1])
+  assert logged[-1]['loss'] < logged[0]['loss']
+  assert json.loads((workdir / 'config.json').read_text())['model']['vocab_size'] == 65
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['30', '60']
+
+
+def test_nonfinite_streak_stops_the_run():
+  class Quiet:
+    def write(self, *_): pass
+    def set_postfix(self, *_, **__): pass
+
+  config = train.config_lib.resolve(train.config_lib.get_base_config(), 65)
+  program = type('P', (), {'model_config': type('M', (), {'flops_per_token': lambda s, n: 1.0})()})()
+  logger = train.Logger(config, program, Quiet(), Quiet(), 0)
+  metrics = lambda streak: {'loss': np.nan, 'lr': 0.1, 'grad_norm': np.nan,
+                            'skipped_steps': streak, 'nonfinite_streak': streak}
+  limit = config.optim.max_nonfinite_steps
+  for step in range(1, limit + 1):
+    logger.push(step, metrics(step))         # step n's metrics are checked at step n + 1
+  with pytest.raises(train.NonFiniteError, match=f'{limit} updates in a row had non-finite'):
+    logger.push(limit + 1, metrics(0))
+
+
+def test_shakespeare_char_reaches_nanogpt_validation_loss(tmp_path, tfds_dir):
+  """The full recipe of experiments/shakespeare_char.py (nanoGPT: 1.886 on this machine)."""
+  result = run_main(tmp_path / 'sc', f'--config.data.tfds_data_dir={tfds_dir}',
+                    '--config.sample.num_tokens=0')
+  val = [m['val_loss'] for m in read_metrics(tmp_path / 'sc') if 'val_loss' in m]
+  assert len(val) == 8 and val[-1] <= 1.89, (val, result.stdout[-500:])
