@@ -113,7 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
           f'vocabulary {config.model.vocab_size}, mesh {dict(program.mesh.shape)}')
   writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main)
   bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
-                  dynamic_ncols=True)
+                  dynamic_ncols=True, mininterval=1.0)
   logger = Logger(config, program, writer, bar, start_step)
   val_loss = None
   for step in range(start_step + 1, t.steps + 1):
