@@ -14,12 +14,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
-from lm import metrics
-from lm import train
+from lm import metrics, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
 _STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps (after one compile step and 10 warm-up).')

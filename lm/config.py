@@ -158,7 +158,8 @@ def mesh_shape(c: ml_collections.ConfigDict, device_count: int) -> tuple[int, ..
   """config.mesh.shape with its -1 resolved against the device count."""
   shape = tuple(int(s) for s in c.mesh.shape)
   if len(shape) != len(MESH_AXES):
-    raise ConfigError(f'config.mesh.shape={shape} must have {len(MESH_AXES)} sizes, for {MESH_AXES}')
+    raise ConfigError(f'config.mesh.shape={shape} must have {len(MESH_AXES)} sizes, '
+                      f'for {MESH_AXES}')
   if shape.count(-1) > 1:
     raise ConfigError(f'config.mesh.shape={shape} may contain at most one -1')
   known = math.prod(s for s in shape if s != -1)

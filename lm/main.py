@@ -1,9 +1,7 @@
 """Command line: `python -m lm.main --config experiments/X.py --workdir DIR [--config.a.b=v]`."""
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lm import config as config_lib

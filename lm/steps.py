@@ -16,10 +16,8 @@ import ml_collections
 import optax
 from flax import struct
 
-from lm import losses
+from lm import losses, optim, sharding
 from lm import model as model_lib
-from lm import optim
-from lm import sharding
 
 
 class TrainState(struct.PyTreeNode):

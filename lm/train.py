@@ -8,12 +8,9 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from lm import checkpoint
+from lm import checkpoint, sample, sharding, steps
 from lm import config as config_lib
 from lm import metrics as metrics_lib
-from lm import sample
-from lm import sharding
-from lm import steps
 from lm.data import pipeline
 
 

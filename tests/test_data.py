@@ -6,8 +6,7 @@ import pytest
 from etils import epath
 
 from lm import config as config_lib
-from lm.data import pipeline
-from lm.data import tokenizers
+from lm.data import pipeline, tokenizers
 
 TEXT = pipeline.SHAKESPEARE.read_text()
 

@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import attention
+from lm import attention, steps
 from lm import config as config_lib
 from lm import model as model_lib
-from lm import steps
 from tests.conftest import tiny_config
 
 LLAMA = dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,

@@ -5,9 +5,7 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import optim
-from lm import sharding
-from lm import steps
+from lm import optim, sharding, steps
 from tests.conftest import tiny_config
 
 

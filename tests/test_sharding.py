@@ -5,8 +5,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lm import config as config_lib
-from lm import sharding
-from lm import steps
+from lm import sharding, steps
 from tests.conftest import tiny_config
 
 

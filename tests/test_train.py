@@ -52,7 +52,8 @@ def run_main(workdir, *flags, config='experiments/shakespeare_char.py', kill_at=
 
 
 def read_metrics(workdir):
-  return [json.loads(line) for line in (epath.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+  lines = (epath.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return [json.loads(line) for line in lines]
 
 
 def losses_by_step(workdir):
@@ -112,7 +113,8 @@ def test_smoke_main_command_leaves_its_artifacts(tmp_path, tfds_dir):
   assert logged[-1]['loss'] < logged[0]['loss']
   assert json.loads((workdir / 'config.json').read_text())['model']['vocab_size'] == 65
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
-  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['30', '60']
+  saved = sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved == ['30', '60']
 
 
 def test_nonfinite_streak_stops_the_run():
@@ -121,7 +123,8 @@ def test_nonfinite_streak_stops_the_run():
     def set_postfix(self, *_, **__): pass
 
   config = train.config_lib.resolve(train.config_lib.get_base_config(), 65)
-  program = type('P', (), {'model_config': type('M', (), {'flops_per_token': lambda s, n: 1.0})()})()
+  model_config = type('M', (), {'flops_per_token': lambda self, seq_len: 1.0})()
+  program = type('P', (), {'model_config': model_config})()
   logger = train.Logger(config, program, Quiet(), Quiet(), 0)
   metrics = lambda streak: {'loss': np.nan, 'lr': 0.1, 'grad_norm': np.nan,
                             'skipped_steps': streak, 'nonfinite_streak': streak}
@@ -138,3 +141,14 @@ def test_shakespeare_char_reaches_nanogpt_validation_loss(tmp_path, tfds_dir):
                     '--config.sample.num_tokens=0')
   val = [m['val_loss'] for m in read_metrics(tmp_path / 'sc') if 'val_loss' in m]
   assert len(val) == 8 and val[-1] <= 1.89, (val, result.stdout[-500:])
+
+
+def test_llama_experiment_with_sentencepiece_end_to_end(tmp_path, tfds_dir):
+  workdir = tmp_path / 'llama'
+  result = run_main(workdir, f'--config.data.tfds_data_dir={tfds_dir}',
+                    config='experiments/llama_tiny.py:smoke')
+  assert (workdir / 'tokenizer.model').exists()            # trained here, saved for resume
+  assert json.loads((workdir / 'config.json').read_text())['model']['vocab_size'] == 1024
+  logged = [m['loss'] for m in read_metrics(workdir) if 'loss' in m]
+  assert logged[-1] < logged[0] - 1.0, logged
+  assert 'done: 30 steps' in result.stdout

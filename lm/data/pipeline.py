@@ -20,8 +20,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from lm.config import ConfigError
-from lm.data import local_text
-from lm.data import tokenizers
+from lm.data import local_text, tokenizers
 
 SHAKESPEARE = epath.Path(__file__).parent / 'tinyshakespeare.txt'
 EVAL_SPLITS = ('validation', 'test')
@@ -111,7 +110,8 @@ def packed_batches(docs: grain.MapDataset, tokenizer, *, seq_len: int, batch_siz
   if seed is not None:
     docs = docs.shuffle(seed).repeat()
   eos = [tokenizer.eos_id] if add_eos else []
-  tokens = docs.map(lambda d: {'tokens': np.concatenate([tokenizer.encode(d), eos]).astype(np.int32)})
+  tokens = docs.map(
+      lambda d: {'tokens': np.concatenate([tokenizer.encode(d), eos]).astype(np.int32)})
   packed = grain.experimental.ConcatThenSplitIterDataset(
       tokens.to_iter_dataset(), length_struct={'tokens': seq_len + 1})
   return packed.batch(batch_size // process_count, drop_remainder=True).map(

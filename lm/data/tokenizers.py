@@ -73,7 +73,8 @@ class SentencePieceTokenizer:
     self.eos_id = self._sp.eos_id()
 
   @classmethod
-  def train(cls, texts: Iterable[str], vocab_size: int, model_type: str) -> 'SentencePieceTokenizer':
+  def train(cls, texts: Iterable[str], vocab_size: int,
+            model_type: str) -> 'SentencePieceTokenizer':
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=_lines(texts), model_writer=model, vocab_size=vocab_size,

@@ -1,0 +1,40 @@
+"""Every experiment file gives a valid config; the model sizes are the ones they claim."""
+import importlib.util
+
+import pytest
+from etils import epath
+
+from lm import config as config_lib
+from lm import model as model_lib
+
+EXPERIMENTS = sorted((epath.Path(__file__).parent.parent / 'experiments').glob('[!_]*.py'))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('path', EXPERIMENTS, ids=lambda p: p.stem)
+@pytest.mark.parametrize('devices', [1, 8])
+def test_experiment_configs_validate(path, devices):
+  config = config_lib.resolve(_load(path).get_config(), 65)
+  if config.train.batch_size % devices:
+    # a batch that 8 devices cannot split (the CPU recipe's 12) must say so clearly
+    with pytest.raises(config_lib.ConfigError, match='not divisible by data x fsdp'):
+      config_lib.validate(config, devices)
+  else:
+    config_lib.validate(config, devices)
+  assert path.read_text().count('python -m lm.main') >= 1, 'docstring gives the run command'
+
+
+@pytest.mark.parametrize('name, vocab, millions', [
+    ('gpt2_124m_lm1b', 50304, 124.5), ('shakespeare_char', 65, 0.81),
+    ('shakespeare_char_gpu', 65, 10.8)])
+def test_model_sizes(name, vocab, millions):
+  config = config_lib.resolve(_load(EXPERIMENTS[[p.stem for p in EXPERIMENTS].index(name)])
+                              .get_config(), vocab)
+  total = model_lib.ModelConfig.from_config(config.model).param_counts()['total']
+  assert abs(total / 1e6 - millions) < 0.05, total
