@@ -5,9 +5,12 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
-import pytest  # noqa: E402
+import jax
+import numpy as np
+import pytest
 
-from lm import config as config_lib  # noqa: E402
+from lm import config as config_lib
+from lm import sharding, steps
 
 
 def tiny_config(**model):
@@ -24,3 +27,17 @@ def tiny_config(**model):
 @pytest.fixture(scope='session')
 def tfds_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
+
+
+def build_program(config, shape=(1, 1, 1, 1), devices=None) -> steps.Program:
+  """The jitted program of `config` on a mesh of `shape` over the first devices."""
+  devices = devices or jax.devices()[:int(np.prod(shape))]
+  config = config_lib.resolve(config, None).unlock()
+  config.mesh.shape = shape
+  config_lib.validate(config, len(devices))
+  return steps.build(config, sharding.make_mesh(shape, devices))
+
+
+def random_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+  tokens = np.random.default_rng(seed).integers(0, 64, (batch_size, seq_len + 1), np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}

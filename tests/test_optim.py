@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import optim, sharding, steps
-from tests.conftest import tiny_config
+from lm import optim
+from tests.conftest import build_program, random_batch, tiny_config
 
 
 def _optim_config(**overrides):
@@ -67,9 +67,9 @@ def test_every_optimizer_trains(name):
   config = tiny_config()
   config.optim.name = name
   config.optim.lr = 3e-3
-  program = _program(config)
+  program = build_program(config)
   state = program.init(jax.random.PRNGKey(0))
-  batch = _batch(config.train.batch_size, config.data.seq_len)
+  batch = random_batch(config.train.batch_size, config.data.seq_len)
   losses = []
   for _ in range(8):
     state, metrics = program.train_step(state, batch)
@@ -77,30 +77,15 @@ def test_every_optimizer_trains(name):
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
 
 
-def _program(config, devices=None):
-  devices = devices or jax.devices()[:1]
-  config = config_lib.resolve(config, None)
-  config_lib.validate(config, len(devices))
-  return steps.build(config, sharding.make_mesh(config_lib.mesh_shape(config, len(devices)),
-                                                devices))
-
-
-def _batch(batch_size, seq_len, seed=0):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, 64, (batch_size, seq_len + 1), dtype=np.int32)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
-
-
 def test_gradient_accumulation_equals_one_big_batch():
   big = tiny_config()
   big.train.batch_size = 32
   accum = tiny_config()
   accum.train.update(batch_size=32, grad_accum_steps=4)
-  accum.mesh.shape = big.mesh.shape = (2, 2, 2, 1)
-  batch = _batch(32, 16)
+  batch = random_batch(32, 16)
   results = []
   for config in (big, accum):
-    program = _program(config, jax.devices())
+    program = build_program(config, (2, 2, 2, 1))
     state, metrics = program.train_step(program.init(jax.random.PRNGKey(0)),
                                         jax.device_put(batch, program.batch_sharding))
     results.append((state.params, jax.device_get(metrics)))
@@ -111,9 +96,9 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def test_nonfinite_gradients_skip_the_update_and_training_continues():
-  program = _program(tiny_config())
+  program = build_program(tiny_config())
   state = program.init(jax.random.PRNGKey(0))
-  good = _batch(8, 16)
+  good = random_batch(8, 16)
   poisoned = {**good, 'weights': np.full((8, 16), np.nan, np.float32)}
   good['weights'] = np.ones((8, 16), np.float32)
   state, _ = program.train_step(state, good)   # the warm-up's first step has lr 0

@@ -4,23 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lm import config as config_lib
-from lm import sharding, steps
-from tests.conftest import tiny_config
-
-
-def _program(config, shape, devices):
-  config = config_lib.resolve(config, None).unlock()
-  config.mesh.shape = shape
-  config_lib.validate(config, len(devices))
-  return steps.build(config, sharding.make_mesh(shape, devices))
-
-
-def _batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  shape = (config.train.batch_size, config.data.seq_len)
-  return {'inputs': rng.integers(0, 64, shape, dtype=np.int32),
-          'targets': rng.integers(0, 64, shape, dtype=np.int32)}
+from tests.conftest import build_program, random_batch, tiny_config
 
 
 def _one_step(program, batch):
@@ -36,11 +20,9 @@ def test_sharded_step_matches_single_device(shape, style):
   model = {} if style == 'gpt' else dict(positions='rope', norm='rmsnorm', mlp='swiglu',
                                          use_bias=False, tie_embeddings=False, n_kv_heads=8)
   config = tiny_config(**model)
-  config.mesh.shape = shape
-  single_state, single = _one_step(_program(config, (1, 1, 1, 1), jax.devices()[:1]),
-                                   _batch(config))
-  program = _program(config, shape, jax.devices())
-  sharded_state, sharded = _one_step(program, _batch(config))
+  batch = random_batch(config.train.batch_size, config.data.seq_len)
+  single_state, single = _one_step(build_program(config), batch)
+  sharded_state, sharded = _one_step(build_program(config, shape), batch)
 
   np.testing.assert_allclose(sharded['loss'], single['loss'], rtol=1e-5)
   np.testing.assert_allclose(sharded['grad_norm'], single['grad_norm'], rtol=1e-4)
