@@ -9,13 +9,18 @@ from lm import config as config_lib
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file with get_config().',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (resumes if it has checkpoints).')
+_COORDINATOR = flags.DEFINE_string('coordinator', None, 'host:port of process 0, for a run of '
+                                   'several processes (auto-detected on Cloud TPU).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  from lm import train  # after flag parsing, so --help and flag errors do not import JAX
+  from lm import distributed, train  # after flag parsing: --help does not import JAX
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.train(_CONFIG.value, _WORKDIR.value)
   except (config_lib.ConfigError, train.NonFiniteError) as e:

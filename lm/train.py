@@ -122,7 +122,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
       logger.flush()
       val_loss = evaluate(program, state.params, data.eval['validation'])
       writer.write(step, {'val_loss': val_loss})
-      bar.write(f'step {step}: val_loss {val_loss:.4f}')
+      if is_main:
+        bar.write(f'step {step}: val_loss {val_loss:.4f}')
     if step % t.checkpoint_every == 0 or step == t.steps:
       ckpt.save(step, state, data.train)
     bar.update()

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -61,8 +62,13 @@ def losses_by_step(workdir):
 
 
 def load_params(workdir, step):
+  """The params of a checkpoint, whatever devices saved it, onto this process's first device."""
   path = epath.Path(workdir) / 'checkpoints' / str(step) / 'state'
-  return ocp.StandardCheckpointer().restore(path)['params']
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        dict(checkpointer.metadata(path).item_metadata))
+  return checkpointer.restore(path, target)['params']
 
 
 def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
@@ -79,7 +85,6 @@ def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
   assert losses_by_step(killed) == losses_by_step(whole)
   assert sorted(losses_by_step(killed)) == list(range(1, 61))
   a, b = load_params(whole, 60), load_params(killed, 60)
-  import jax
   jax.tree.map(np.testing.assert_array_equal, a, b)
   final = [m for m in read_metrics(killed) if 'test_loss' in m]
   assert len(final) == 1 and final[0] == [m for m in read_metrics(whole) if 'test_loss' in m][0]

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from lm import distributed
 from lm.config import ConfigError
 from lm.data import local_text, tokenizers
 
@@ -122,10 +123,16 @@ def make_data(config, workdir: epath.Path | None) -> Data:
   """Tokenizer (saved in / reloaded from the workdir), training iterator and eval batches."""
   d, t = config.data, config.train
   p, n = jax.process_index(), jax.process_count()
+  # Process 0 prepares the TFDS files and builds the tokenizer before the others read both,
+  # so that every process has the same vocabulary (SentencePiece training is threaded).
+  if p != 0:
+    distributed.barrier('tokenizer built')
   docs = documents(d)
   texts = docs['train'] if d.tokenizer.startswith('spm') else _all(docs)
   tokenizer = tokenizers.load_or_build(d.tokenizer, texts, d.spm_vocab_size,
                                        workdir / 'tokenizer.json' if workdir else None)
+  if p == 0:
+    distributed.barrier('tokenizer built')
   if d.add_eos and tokenizer.eos_id is None:
     raise ConfigError(f'config.data.add_eos=True but the {d.tokenizer!r} tokenizer has no EOS')
   eval_batches = {}
