@@ -5,8 +5,9 @@
 
 Keys: compile_s (first step, tracing + compilation), step_ms (median of timed steps),
 tokens_per_s, tflops (achieved, model FLOPs of lm.model.ModelConfig.flops_per_token),
-mfu (where the device's peak is known), peak_memory_gb (device allocator peak, or the
-process's peak resident memory on CPU).
+mfu (where the device's peak is known), pipeline_stages and pipeline_bubble (the idle
+fraction of stage-ticks, (S - 1) / (M + S - 1)), peak_memory_gb (device allocator peak, or
+the process's peak resident memory on CPU).
 """
 import json
 import resource
@@ -17,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import metrics, train
+from lm import metrics, pipeline, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
 _STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps (after one compile step and 10 warm-up).')
@@ -49,6 +50,7 @@ def main(argv) -> None:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
+  stages = program.mesh.shape['stage']
   tokens = config.train.batch_size * config.data.seq_len
   result = metrics.throughput(1, step_s, tokens,
                               program.model_config.flops_per_token(config.data.seq_len),
@@ -59,6 +61,9 @@ def main(argv) -> None:
       'compile_s': round(compile_s, 2), 'step_ms': round(result['step_ms'], 2),
       'tokens_per_s': round(result['tokens_per_s']), 'tflops': round(result['tflops'], 4),
       'mfu': result['mfu'] and round(result['mfu'], 4),
+      'pipeline_stages': stages,
+      'pipeline_bubble': round(pipeline.bubble_fraction(stages, config.model.pipeline_microbatches),
+                               4),
       'peak_memory_gb': round(_peak_memory_gb(), 3)}))
 
 

@@ -50,6 +50,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       attention='xla',        # one of ATTENTION_IMPLEMENTATIONS
       remat='none',           # one of REMAT_POLICIES
       scan_layers=True,
+      pipeline_microbatches=1,  # microbatches in flight when config.mesh.shape has stages > 1
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -101,7 +102,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1, 1),    # sizes of MESH_AXES; one may be -1 (all remaining devices)
       # logical axis -> mesh axes. Parameters: embed, mlp, heads, kv_heads, head_dim, vocab,
-      # layers; activations: batch, length, act_embed, act_heads, act_mlp, act_vocab.
+      # layers; activations: batch, length, act_embed, act_heads, act_mlp, act_vocab, stage.
       rules=(
           ('batch', ('data', 'fsdp')),
           ('embed', 'fsdp'),
@@ -113,7 +114,8 @@ def get_base_config() -> ml_collections.ConfigDict:
           ('act_kv_heads', 'tensor'),
           ('act_mlp', 'tensor'),
           ('act_vocab', 'tensor'),
-          ('layers', None),
+          ('layers', 'stage'),
+          ('stage', 'stage'),
           ('head_dim', None),
           ('length', None),
           ('act_embed', None),
@@ -173,6 +175,22 @@ def mesh_shape(c: ml_collections.ConfigDict, device_count: int) -> tuple[int, ..
   return shape
 
 
+def _validate_pipeline(c: ml_collections.ConfigDict, stages: int, batch: int,
+                       batch_shards: int) -> None:
+  m = c.model
+  if not m.scan_layers:
+    raise ConfigError('pipeline stages (config.mesh.shape stage > 1) need '
+                      'config.model.scan_layers=True')
+  if m.n_layers % stages:
+    raise ConfigError(f'config.model.n_layers={m.n_layers} is not divisible by the '
+                      f'{stages} pipeline stages of config.mesh.shape')
+  micro = m.pipeline_microbatches
+  if micro < 1 or batch % micro or (batch // micro) % batch_shards:
+    raise ConfigError(f'the batch of {batch} sequences (per gradient-accumulation step) does not '
+                      f'split into config.model.pipeline_microbatches={micro} microbatches '
+                      f'divisible by data x fsdp = {batch_shards}')
+
+
 def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
   """Raises ConfigError for the first bad value; call on a resolved config before compiling
   (once before building the tokenizer, and again after, with its vocabulary size)."""
@@ -209,9 +227,6 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
     raise ConfigError(f"config.model.attention='cudnn' needs a 16-bit config.model.dtype, "
                       f'got {m.dtype!r}')
   data, fsdp, tensor, stage = mesh_shape(c, device_count)
-  if stage != 1:
-    raise ConfigError(f'config.mesh.shape={tuple(c.mesh.shape)}: pipeline stages are not '
-                      'supported yet; set the stage size to 1')
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f'config.train.batch_size={t.batch_size} is not divisible by '
                       f'config.train.grad_accum_steps={t.grad_accum_steps}')
@@ -219,6 +234,8 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
   if micro % (data * fsdp):
     raise ConfigError(f'global batch (config.train.batch_size={t.batch_size} / grad_accum_steps='
                       f'{t.grad_accum_steps}) is not divisible by data x fsdp = {data * fsdp}')
+  if stage > 1:
+    _validate_pipeline(c, stage, micro, data * fsdp)
   if t.eval_batch_size % (data * fsdp):
     raise ConfigError(f'config.train.eval_batch_size={t.eval_batch_size} is not divisible by '
                       f'data x fsdp = {data * fsdp}')

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm import attention as attention_lib
+from lm import pipeline
 
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -47,6 +48,8 @@ class ModelConfig:
   attention: str = 'xla'
   remat: str = 'none'
   scan_layers: bool = True
+  pipeline_stages: int = 1         # the mesh's 'stage' size (set by lm.steps.build)
+  pipeline_microbatches: int = 1
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> 'ModelConfig':
@@ -218,10 +221,11 @@ class Transformer(nn.Module):
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True,
-                      'dropout': True}, length=cfg.n_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BxLxD, _ = stack(cfg, not train, name='layers')(x_BxLxD, None)
+      layers = _stack(block, cfg.n_layers)(cfg, not train, name='layers')
+      if cfg.pipeline_stages > 1 and not self.is_initializing():
+        x_BxLxD = self._pipelined(block, layers.variables['params'], x_BxLxD, train)
+      else:
+        x_BxLxD, _ = layers(x_BxLxD, None)
     else:
       for i in range(cfg.n_layers):
         x_BxLxD, _ = block(cfg, not train, name=f'layers_{i}')(x_BxLxD)
@@ -236,3 +240,23 @@ class Transformer(nn.Module):
     logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD.astype(cfg.dtype),
                               table_VxD.astype(cfg.dtype), preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits_BxLxV, ('batch', 'length', 'act_vocab'))
+
+  def _pipelined(self, block, layer_params, x_BxLxD, train: bool):
+    """The layer stack as GPipe stages over the 'stage' mesh axis (lm/pipeline.py)."""
+    cfg = self.cfg
+    stage = _stack(block, cfg.n_layers // cfg.pipeline_stages)(cfg, not train, parent=None)
+
+    def stage_fn(params, x, rng):
+      rngs = {} if rng is None else {'dropout': rng}
+      return stage.apply({'params': params}, x, None, rngs=rngs)[0]
+
+    rng = self.make_rng('dropout') if train and cfg.dropout > 0 else None
+    return pipeline.run(stage_fn, layer_params, x_BxLxD, stages=cfg.pipeline_stages,
+                        microbatches=cfg.pipeline_microbatches, rng=rng)
+
+
+def _stack(block, n_layers: int):
+  """`block` repeated n_layers times with nn.scan: one compiled body, parameters stacked on a
+  leading 'layers' axis."""
+  return nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                 length=n_layers, metadata_params={nn.PARTITION_NAME: 'layers'})

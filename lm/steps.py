@@ -102,7 +102,8 @@ def _in_mesh(fn, mesh, rules):
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program:
   """The jitted init / train / eval functions for a resolved, validated config."""
-  model_config = model_lib.ModelConfig.from_config(config.model)
+  model_config = dataclasses.replace(model_lib.ModelConfig.from_config(config.model),
+                                     pipeline_stages=mesh.shape['stage'])
   model = model_lib.Transformer(model_config)
   tx, schedule = optim.make_optimizer(config.optim)
   rules = sharding.rules(config)

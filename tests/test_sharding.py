@@ -35,7 +35,7 @@ def test_sharded_step_matches_single_device(shape, style):
   q = params['layers']['attn']['q']['kernel']           # layers x embed x heads x head_dim
   wi = params['layers']['mlp']['wi']['kernel']
   assert q.shape[0] == config.model.n_layers
-  assert _spec(q) == P(None, 'fsdp', 'tensor', None)
+  assert _spec(q) == P('stage', 'fsdp', 'tensor', None)   # 'stage' has size 1 here
   assert _spec(wi)[1] == 'fsdp' and _spec(wi)[-1] == 'tensor'
   assert _spec(params['embed']['embedding']) == P('tensor', 'fsdp')
   # every device holds 1 / (fsdp * tensor) of the q kernel
