@@ -1,5 +1,7 @@
 """The training loop: data, init or resume, train / eval / checkpoint, final test and sample."""
+import json
 import math
+import os
 import time
 
 import jax
@@ -94,6 +96,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
   """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
   start_time = time.perf_counter()
   workdir = epath.Path(workdir)
+  if not workdir.is_absolute():   # Orbax needs absolute paths (gs:// ones are)
+    workdir = epath.Path(os.path.abspath(workdir))
   is_main = jax.process_index() == 0
   config, data, program = setup(config, workdir)
   t = config.train
@@ -137,11 +141,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
   writer.write(t.steps, {'test_loss': test_loss})
   writer.close()
   wall = time.perf_counter() - start_time
+  final = {'steps': t.steps, 'val_loss': val_loss, 'test_loss': test_loss, 'wall_s': wall}
   if is_main:
+    (workdir / 'final.json').write_text(json.dumps(final))   # marks the run finished
     _print_sample(config, program, state.params, data.tokenizer)
     print(f'done: {t.steps} steps, val_loss {val_loss:.4f}, test_loss {test_loss:.4f}, '
           f'{wall:.1f}s wall, workdir {workdir}')
-  return {'val_loss': val_loss, 'test_loss': test_loss, 'wall_s': wall}
+  return final
 
 
 def _print_sample(config, program: steps.Program, params, tokenizer) -> None:

@@ -104,9 +104,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, tfds_dir):
 
 
 def test_smoke_main_command_leaves_its_artifacts(tmp_path, tfds_dir):
-  """The 2-minute smoke version of the README's main command."""
+  """The 2-minute smoke version of the README's main command, with a relative workdir."""
   workdir = tmp_path / 'smoke'
-  result = run_main(workdir, f'--config.data.tfds_data_dir={tfds_dir}',
+  result = run_main(os.path.relpath(workdir, ROOT), f'--config.data.tfds_data_dir={tfds_dir}',
                     config='experiments/shakespeare_char.py:smoke')
   assert 'sample:' in result.stdout and 'done: 60 steps' in result.stdout
   assert 'train' in result.stderr                  # the progress bar

@@ -11,6 +11,9 @@ concatenate-then-split packing, each process reading its own documents.
 Batches are dicts of int32 arrays: inputs_BxL and targets_BxL (inputs shifted by one).
 """
 import dataclasses
+import fcntl
+import os
+import tempfile
 from typing import Any
 
 import grain
@@ -55,12 +58,17 @@ def documents(data_cfg, process_count: int = 1) -> dict[str, grain.MapDataset]:
     kind, name = 'text', str(SHAKESPEARE)
   if kind in ('text', 'jsonl'):
     check_text_file(epath.Path(name), 'config.data.source')
-    builder = local_text.LocalText(
-        config=local_text.LocalTextConfig(path=name, fmt=kind, text_key=data_cfg.text_key,
-                                          fractions=tuple(data_cfg.split_fractions)),
-        data_dir=data_dir, file_format='array_record')
-    tfds.display_progress_bar(False)   # one small file: its per-split bars are only noise
-    builder.download_and_prepare()
+    builder_config = local_text.LocalTextConfig(path=name, fmt=kind, text_key=data_cfg.text_key,
+                                                fractions=tuple(data_cfg.split_fractions))
+    # one process of this machine prepares the files; the others (parallel sweep points)
+    # wait for it and then read them
+    lock = os.path.join(tempfile.gettempdir(), f'lm-tfds-{builder_config.name}.lock')
+    with open(lock, 'w') as f:
+      fcntl.flock(f, fcntl.LOCK_EX)
+      builder = local_text.LocalText(config=builder_config, data_dir=data_dir,
+                                     file_format='array_record')
+      tfds.display_progress_bar(False)   # one small file: its per-split bars are only noise
+      builder.download_and_prepare()
     sources = {split: builder.as_data_source(split) for split in local_text.SPLITS}
     key = 'text'
   elif kind == 'tfds':
