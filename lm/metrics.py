@@ -1,6 +1,7 @@
 """Throughput and model FLOPs utilisation, and the writers: metrics.jsonl and TensorBoard."""
 import json
 import math
+import tempfile
 
 import jax
 from etils import epath
@@ -37,31 +38,45 @@ class MetricsWriter:
   """Appends `{'step': n, name: value, ...}` lines to metrics.jsonl and TensorBoard events.
 
   On resume from `start_step`, lines and events logged after it by the interrupted run
-  are dropped, so the files read as one uninterrupted run."""
+  are dropped, so the files read as one uninterrupted run. On object stores (gs://), which
+  cannot append, metrics.jsonl is rewritten whole and TensorBoard events are written
+  locally and copied to the workdir's tensorboard/ at every write."""
 
   def __init__(self, workdir: epath.Path, start_step: int = 0, enabled: bool = True):
     self.enabled = enabled
     if not enabled:
       return
     self.path = workdir / 'metrics.jsonl'
+    self.remote = '://' in str(workdir)
+    self.lines = []
     if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)['step'] <= start_step]
-      self.path.write_text(''.join(line + '\n' for line in kept))
+      self.lines = [line + '\n' for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)['step'] <= start_step]
+      self.path.write_text(''.join(self.lines))
+    self.tb_dir = workdir / 'tensorboard'
+    local_tb = tempfile.mkdtemp(prefix='lm-tensorboard-') if self.remote else str(self.tb_dir)
     from tensorboardX import SummaryWriter  # imported here: only the logging process needs it
-    self.tb = SummaryWriter(str(workdir / 'tensorboard'),
-                            purge_step=start_step + 1 if start_step else None)
+    self.tb = SummaryWriter(local_tb, purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, metrics: dict[str, float | None]) -> None:
     if not self.enabled:
       return
     clean = {k: _plain(v) for k, v in metrics.items()}
-    with self.path.open('a') as f:
-      f.write(json.dumps({'step': step, **clean}) + '\n')
+    line = json.dumps({'step': step, **clean}) + '\n'
+    self.lines.append(line)
+    if self.remote:
+      self.path.write_text(''.join(self.lines))
+    else:
+      with self.path.open('a') as f:   # appending loses nothing if the process is killed
+        f.write(line)
     for name, value in clean.items():
       if value is not None and not isinstance(value, str):
         self.tb.add_scalar(name, value, step)
     self.tb.flush()
+    if self.remote:
+      self.tb_dir.mkdir(parents=True, exist_ok=True)
+      for event_file in epath.Path(self.tb.logdir).iterdir():
+        event_file.copy(self.tb_dir / event_file.name, overwrite=True)
 
   def close(self) -> None:
     if self.enabled:

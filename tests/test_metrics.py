@@ -1,0 +1,59 @@
+"""MFU against the peak table, and the metrics writers (local and object-store paths)."""
+import json
+import types
+
+import pytest
+from etils import epath
+
+from lm import metrics
+
+
+@pytest.mark.parametrize('kind, peak', [('TPU v5 lite', 197e12), ('TPU v5p', 459e12),
+                                        ('NVIDIA H100 80GB HBM3', 989e12), ('cpu', None)])
+def test_peak_flops_and_mfu(kind, peak):
+  device = types.SimpleNamespace(device_kind=kind)
+  assert metrics.peak_flops(device) == peak
+  t = metrics.throughput(steps=10, seconds=2.0, tokens_per_step=1000, flops_per_token=1e9,
+                         devices=[device] * 4)
+  assert t['tokens_per_s'] == 5000 and t['step_ms'] == 200 and t['tflops'] == 5.0
+  assert t['mfu'] == (5e12 / (4 * peak) if peak else None)
+
+
+def test_resume_drops_what_the_interrupted_run_logged_after_the_checkpoint(tmp_path):
+  workdir = epath.Path(tmp_path)
+  writer = metrics.MetricsWriter(workdir)
+  for step in (10, 20, 30):
+    writer.write(step, {'loss': 1.0 / step, 'mfu': None, 'bad': float('nan')})
+  writer.close()
+  resumed = metrics.MetricsWriter(workdir, start_step=20)
+  resumed.write(30, {'loss': 0.5})
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [m['step'] for m in lines] == [10, 20, 30] and lines[-1]['loss'] == 0.5
+  assert lines[0]['mfu'] is None and lines[0]['bad'] == 'nan'
+
+
+def test_object_store_workdirs_rewrite_metrics_and_copy_events(tmp_path, monkeypatch):
+  """gs:// cannot append: the writer rewrites metrics.jsonl and copies TensorBoard events
+  (exercised on a local directory that the writer is told is remote)."""
+  workdir = epath.Path(tmp_path)
+  monkeypatch.setattr(metrics.MetricsWriter, '__init__', _remote_init)
+  writer = metrics.MetricsWriter(workdir)
+  writer.write(1, {'loss': 2.0})
+  writer.write(2, {'loss': 1.5})
+  assert (workdir / 'metrics.jsonl').read_text().count('\n') == 2
+  assert writer.remote
+  events = list((workdir / 'tensorboard').iterdir())
+  assert events and all(p.name.startswith('events.out.tfevents') for p in events)
+
+
+_local_init = metrics.MetricsWriter.__init__
+
+
+def _remote_init(self, workdir, start_step=0, enabled=True):
+  original = str
+  try:
+    metrics.str = lambda path: 'gs://' + original(path)   # the writer's remote check
+    _local_init(self, workdir, start_step, enabled)
+  finally:
+    del metrics.str
+  self.path = workdir / 'metrics.jsonl'
