@@ -112,7 +112,7 @@ def plot(rows: list[dict], directory: epath.Path) -> list[epath.Path]:
   colours = plt.cm.viridis(np.linspace(0, 0.9, max(len(order), 1)))
   written = []
   for axis, scale in (('step', 1), ('tokens', 'tokens_per_step'), ('flops', 'flops')):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for row, value in zip(rows, values):
       colour = colours[order.index(value)]
       factor = 1 if scale == 1 else (row['tokens_per_step'] if scale == 'tokens_per_step'
@@ -126,7 +126,7 @@ def plot(rows: list[dict], directory: epath.Path) -> list[epath.Path]:
     ax.set(xlabel=axis, ylabel='loss (lines: validation, faint: training)',
            xscale='linear' if axis == 'step' else 'log',
            title=f'loss vs {axis}' + (f', coloured by {key}' if key else ''))
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, bbox_to_anchor=(1.01, 1), loc='upper left')
     fig.tight_layout()
     path = directory / f'loss_vs_{axis}.png'
     fig.savefig(path, dpi=110)
