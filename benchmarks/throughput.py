@@ -6,7 +6,7 @@
 Keys: compile_s (first step, tracing + compilation), step_ms (median of timed steps),
 tokens_per_s, tflops (achieved, model FLOPs of lm.model.ModelConfig.flops_per_token),
 mfu (where the device's peak is known), pipeline_stages and pipeline_bubble (the idle
-fraction of stage-ticks, (S - 1) / (M + S - 1)), peak_memory_gb (device allocator peak, or
+fraction of stage-ticks, (S - 1) / (R M + S - 1)), peak_memory_gb (device allocator peak, or
 the process's peak resident memory on CPU).
 """
 import json
@@ -62,8 +62,8 @@ def main(argv) -> None:
       'tokens_per_s': round(result['tokens_per_s']), 'tflops': round(result['tflops'], 4),
       'mfu': result['mfu'] and round(result['mfu'], 4),
       'pipeline_stages': stages,
-      'pipeline_bubble': round(pipeline.bubble_fraction(stages, config.model.pipeline_microbatches),
-                               4),
+      'pipeline_bubble': round(pipeline.bubble_fraction(
+          stages, config.model.pipeline_microbatches, config.model.pipeline_repeats), 4),
       'peak_memory_gb': round(_peak_memory_gb(), 3)}))
 
 

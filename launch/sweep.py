@@ -125,7 +125,7 @@ def main(argv=None) -> None:
                                    python='python3'))
              for i, p in enumerate(points)]
     sys.exit(tpu.run(plans, args, delete=args.delete, dry_run=args.dry_run))
-  except ConfigError as e:
+  except ValueError as e:   # ConfigError, and bad TPU arguments
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   group.add_argument('--runtime', default='', help='TPU software version (default: by type)')
   group.add_argument('--queued', action='store_true', help='use queued resources')
   group.add_argument('--spot', action='store_true', help='spot (preemptible) capacity')
+  group.add_argument('--env', action='append', default=[], metavar='KEY=VALUE',
+                     help='environment of the run on every worker (repeatable)')
 
 
 def accelerator_type(accelerator: str) -> str:
@@ -76,10 +78,17 @@ def commands(plan: Plan, args) -> dict[str, list[str]]:
                *where],
       'install': [*ssh, f'--command=mkdir -p {REMOTE_DIR} && tar xzf {ARCHIVE} -C {REMOTE_DIR}'
                   f" && cd {REMOTE_DIR} && pip install -q -e '.[tpu]'"],
-      'run': [*ssh, f'--command=cd {REMOTE_DIR} && nohup {shlex.join(plan.command)} '
-              f'> {log} 2>&1 &'],
+      'run': [*ssh, f'--command=cd {REMOTE_DIR} && nohup '
+              f'{shlex.join([*_env_prefix(args.env), *plan.command])} > {log} 2>&1 &'],
       'delete': delete,
   }
+
+
+def _env_prefix(assignments: list[str]) -> list[str]:
+  for assignment in assignments:
+    if '=' not in assignment:
+      raise ValueError(f'--env {assignment!r} must be KEY=VALUE')
+  return ['env', *assignments] if assignments else []
 
 
 def run(plans: list[Plan], args, delete: bool, dry_run: bool) -> int:

@@ -51,6 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       remat='none',           # one of REMAT_POLICIES
       scan_layers=True,
       pipeline_microbatches=1,  # microbatches in flight when config.mesh.shape has stages > 1
+      pipeline_repeats=1,     # > 1: circular pipeline, each stage holds this many layer chunks
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -181,9 +182,14 @@ def _validate_pipeline(c: ml_collections.ConfigDict, stages: int, batch: int,
   if not m.scan_layers:
     raise ConfigError('pipeline stages (config.mesh.shape stage > 1) need '
                       'config.model.scan_layers=True')
-  if m.n_layers % stages:
+  if m.n_layers % (stages * m.pipeline_repeats):
     raise ConfigError(f'config.model.n_layers={m.n_layers} is not divisible by the '
-                      f'{stages} pipeline stages of config.mesh.shape')
+                      f'{stages} pipeline stages of config.mesh.shape x '
+                      f'config.model.pipeline_repeats={m.pipeline_repeats}')
+  if m.pipeline_repeats > 1 and m.pipeline_microbatches < stages:
+    raise ConfigError(f'a circular pipeline (config.model.pipeline_repeats='
+                      f'{m.pipeline_repeats}) needs config.model.pipeline_microbatches='
+                      f'{m.pipeline_microbatches} >= the {stages} stages')
   micro = m.pipeline_microbatches
   if micro < 1 or batch % micro or (batch // micro) % batch_shards:
     raise ConfigError(f'the batch of {batch} sequences (per gradient-accumulation step) does not '

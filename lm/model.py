@@ -50,6 +50,7 @@ class ModelConfig:
   scan_layers: bool = True
   pipeline_stages: int = 1         # the mesh's 'stage' size (set by lm.steps.build)
   pipeline_microbatches: int = 1
+  pipeline_repeats: int = 1        # > 1: circular schedule (see lm/pipeline.py)
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> 'ModelConfig':
@@ -244,7 +245,8 @@ class Transformer(nn.Module):
   def _pipelined(self, block, layer_params, x_BxLxD, train: bool):
     """The layer stack as GPipe stages over the 'stage' mesh axis (lm/pipeline.py)."""
     cfg = self.cfg
-    stage = _stack(block, cfg.n_layers // cfg.pipeline_stages)(cfg, not train, parent=None)
+    chunk = cfg.n_layers // (cfg.pipeline_stages * cfg.pipeline_repeats)
+    stage = _stack(block, chunk)(cfg, not train, parent=None)
 
     def stage_fn(params, x, rng):
       rngs = {} if rng is None else {'dropout': rng}
@@ -252,7 +254,8 @@ class Transformer(nn.Module):
 
     rng = self.make_rng('dropout') if train and cfg.dropout > 0 else None
     return pipeline.run(stage_fn, layer_params, x_BxLxD, stages=cfg.pipeline_stages,
-                        microbatches=cfg.pipeline_microbatches, rng=rng)
+                        microbatches=cfg.pipeline_microbatches,
+                        repeats=cfg.pipeline_repeats, rng=rng)
 
 
 def _stack(block, n_layers: int):

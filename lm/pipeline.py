@@ -9,6 +9,10 @@ tick t; the last stage's results are collected in order. The idle (bubble) fract
 stage-ticks is (S - 1) / T. Gradients come from differentiating this loop, so loss and
 gradients equal the unpipelined model's.
 
+With R > 1 repeats (the circular / interleaved schedule of Narayanan et al. 2021) the layers
+are cut into S * R chunks, every microbatch passes the stages R times and the bubble
+shrinks to (S - 1) / (R M + S - 1); logical chunk r * S + s lives on stage s.
+
 Shapes: S stages, M microbatches, b microbatch size, L length, D width.
 """
 from collections.abc import Callable
@@ -18,35 +22,57 @@ import jax
 import jax.numpy as jnp
 
 
-def bubble_fraction(stages: int, microbatches: int) -> float:
-  """The fraction of stage-ticks that do no useful work (GPipe's bubble)."""
-  return (stages - 1) / (microbatches + stages - 1)
+def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
+  """The fraction of stage-ticks that do no useful work: (S - 1) / (R M + S - 1)."""
+  return (stages - 1) / (repeats * microbatches + stages - 1)
 
 
-def run(stage_fn: Callable, params, x_BxLxD, *, stages: int, microbatches: int, rng=None):
-  """Applies `stage_fn(stage_params, x, rng)` of each stage in turn, pipelined.
+def logical_order(n_layers: int, stages: int, repeats: int):
+  """Stored layer index of each logical layer: with R repeats, stage s stores the chunks
+  r * S + s (r = 0 .. R-1) as one contiguous block, so logical chunk r * S + s sits at stored
+  block s * R + r. With R = 1 the orders agree."""
+  k = n_layers // (stages * repeats)
+  return [(c % stages * repeats + c // stages) * k + i
+          for c in range(stages * repeats) for i in range(k)]
 
-  `params` hold every layer along their leading axis; stage s gets layers
-  [s * L/S, (s + 1) * L/S)."""
+
+def run(stage_fn: Callable, params, x_BxLxD, *, stages: int, microbatches: int,
+        repeats: int = 1, rng=None):
+  """Applies `stage_fn(chunk_params, x, rng)` for every chunk of layers, pipelined.
+
+  `params` hold every layer along their leading axis (stage s's contiguous block holds its
+  R chunks; see `logical_order`). A microbatch passes the S stages R times: it re-enters
+  stage 0 from a loop-back buffer, which needs microbatches >= stages when R > 1."""
+  S, M, R = stages, microbatches, repeats
   B = x_BxLxD.shape[0]
-  params_S = jax.tree.map(lambda p: p.reshape(stages, p.shape[0] // stages, *p.shape[1:]),
-                          params)
-  x_MxbxLxD = x_BxLxD.reshape(microbatches, B // microbatches, *x_BxLxD.shape[1:])
-  slots_Sxb = jnp.zeros((stages, *x_MxbxLxD.shape[1:]), x_BxLxD.dtype)
-  outputs_Mxb = jnp.zeros_like(x_MxbxLxD)
-  stage_ids = jnp.arange(stages)
+  params_SxR = jax.tree.map(lambda p: p.reshape(S, R, p.shape[0] // (S * R), *p.shape[1:]),
+                            params)
+  x_Mxb = x_BxLxD.reshape(M, B // M, *x_BxLxD.shape[1:])
+  slots_Sxb = jnp.zeros((S, *x_Mxb.shape[1:]), x_BxLxD.dtype)
+  stage_ids = jnp.arange(S)
+
+  def apply_chunk(chunks, x, r, rng):
+    return stage_fn(jax.tree.map(lambda p: p[r], chunks), x, rng)
 
   def tick(carry, t):
-    slots_Sxb, outputs_Mxb = carry
-    slots_Sxb = slots_Sxb.at[0].set(x_MxbxLxD[jnp.minimum(t, microbatches - 1)])
+    slots_Sxb, loop_back_Mxb, outputs_Mxb = carry
+    # item k = r * M + m (repeat r of microbatch m) enters stage 0 at tick k
+    entering = jnp.where(t < M, x_Mxb[t % M], loop_back_Mxb[t % M])
+    slots_Sxb = slots_Sxb.at[0].set(entering)
     slots_Sxb = nn.with_logical_constraint(slots_Sxb, ('stage', 'batch', 'length', 'act_embed'))
+    repeat_S = jnp.clip((t - stage_ids) // M, 0, R - 1)   # stage s works on item t - s
     rngs = None if rng is None else jax.vmap(lambda s: jax.random.fold_in(
         jax.random.fold_in(rng, t), s))(stage_ids)
-    out_Sxb = jax.vmap(stage_fn, spmd_axis_name='stage')(params_S, slots_Sxb, rngs)
-    done = jnp.maximum(t - (stages - 1), 0)   # the microbatch leaving the last stage
-    outputs_Mxb = jax.lax.dynamic_update_index_in_dim(outputs_Mxb, out_Sxb[-1], done, 0)
-    return (jnp.roll(out_Sxb, 1, axis=0), outputs_Mxb), None
+    out_Sxb = jax.vmap(apply_chunk, spmd_axis_name='stage')(params_SxR, slots_Sxb, repeat_S,
+                                                           rngs)
+    leaving = t - (S - 1)                                   # the item leaving the last stage
+    m, last = leaving % M, leaving // M == R - 1
+    outputs_Mxb = outputs_Mxb.at[m].set(
+        jnp.where((leaving >= 0) & last, out_Sxb[-1], outputs_Mxb[m]))
+    loop_back_Mxb = loop_back_Mxb.at[m].set(
+        jnp.where((leaving >= 0) & ~last, out_Sxb[-1], loop_back_Mxb[m]))
+    return (jnp.roll(out_Sxb, 1, axis=0), loop_back_Mxb, outputs_Mxb), None
 
-  (_, outputs_Mxb), _ = jax.lax.scan(tick, (slots_Sxb, outputs_Mxb),
-                                     jnp.arange(microbatches + stages - 1))
+  carry = (slots_Sxb, jnp.zeros_like(x_Mxb), jnp.zeros_like(x_Mxb))
+  (_, _, outputs_Mxb), _ = jax.lax.scan(tick, carry, jnp.arange(R * M + S - 1))
   return outputs_Mxb.reshape(x_BxLxD.shape)

@@ -101,7 +101,11 @@ def test_tpu_commands_for_a_v5e_8_host_and_a_v5p_64_pod_slice():
       '--zone=us-west4-a', '--project=p',
       '--command=cd ~/lm && nohup python3 -m lm.main --workdir=gs://b/s/run '
       '> ~/lm-sweep-0.log 2>&1 &']
-  pod = tpu.commands(plan, _args(accelerator='v5p-64', zone='us-east5-a', queued=True, spot=True))
+  pod = tpu.commands(plan, _args(accelerator='v5p-64', zone='us-east5-a', queued=True, spot=True,
+                                 env=['LIBTPU_INIT_ARGS=--xla_tpu_megacore', 'RUN=a b']))
+  assert pod['run'][-1] == (
+      "--command=cd ~/lm && nohup env LIBTPU_INIT_ARGS=--xla_tpu_megacore 'RUN=a b' python3 -m "
+      'lm.main --workdir=gs://b/s/run > ~/lm-sweep-0.log 2>&1 &')
   assert pod['create'] == [
       'gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'lm-sweep-0',
       '--node-id=lm-sweep-0', '--accelerator-type=v5p-64', '--runtime-version=v2-alpha-tpuv5',

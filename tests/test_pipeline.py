@@ -11,17 +11,17 @@ from lm import pipeline, sharding, steps
 from tests.conftest import build_program, random_batch, tiny_config
 
 
-def _loss_and_grads(shape, microbatches, accum=1, **model):
+def _loss_and_grads(shape, microbatches, accum=1, repeats=1, params=None, **model):
   config = tiny_config(n_layers=8, **model)
-  config.model.pipeline_microbatches = microbatches
+  config.model.update(pipeline_microbatches=microbatches, pipeline_repeats=repeats)
   config.train.update(batch_size=16, grad_accum_steps=accum)
   program = build_program(config, shape)
-  state = program.init(jax.random.PRNGKey(0))
+  params = program.init(jax.random.PRNGKey(0)).params if params is None else params
   batch = jax.device_put(random_batch(16, 16), program.batch_sharding)
   fn = jax.jit(lambda params, batch: steps.loss_and_grads(
       params, batch, jax.random.PRNGKey(0), program.model, accum))
   run = steps._in_mesh(fn, program.mesh, sharding.rules(config))
-  return run(state.params, batch), state.params
+  return run(params, batch), params
 
 
 @functools.cache
@@ -54,6 +54,24 @@ def test_pipeline_composes_with_remat_and_gradient_accumulation():
   _assert_same(result, _unpipelined('full'))
 
 
+@pytest.mark.parametrize('shape, microbatches, repeats', [
+    ((1, 1, 1, 2), 4, 2), ((1, 1, 1, 4), 4, 2), ((2, 1, 1, 2), 2, 4)])
+def test_circular_pipeline_matches_the_plain_stack_in_logical_order(shape, microbatches,
+                                                                    repeats):
+  (loss, grads), params = _loss_and_grads(shape, microbatches, repeats=repeats)
+  order = np.array(pipeline.logical_order(8, shape[3], repeats))
+  in_order = lambda tree: {**tree, 'layers': jax.tree.map(lambda p: np.asarray(p)[order],
+                                                          tree['layers'])}
+  reference = _loss_and_grads((1, 1, 1, 1), 1, params=in_order(jax.device_get(params)))[0]
+  _assert_same((loss, in_order(jax.device_get(grads))), reference)
+
+
+def test_logical_order():
+  assert pipeline.logical_order(8, 4, 1) == list(range(8))
+  # 2 stages x 2 repeats of 2 layers: chunks 0, 1, 2, 3 live at stored blocks 0, 2, 1, 3
+  assert pipeline.logical_order(8, 2, 2) == [0, 1, 4, 5, 2, 3, 6, 7]
+
+
 def test_pipeline_shifts_activations_between_stage_devices():
   config = tiny_config(n_layers=8)
   config.model.pipeline_microbatches = 2
@@ -69,6 +87,7 @@ def test_bubble_fraction():
   assert pipeline.bubble_fraction(1, 8) == 0
   assert pipeline.bubble_fraction(4, 1) == 3 / 4
   assert pipeline.bubble_fraction(4, 13) == 3 / 16
+  assert pipeline.bubble_fraction(4, 4, repeats=2) == 3 / 11
 
 
 @pytest.mark.parametrize('model, train, message', [
@@ -76,6 +95,9 @@ def test_bubble_fraction():
     ({'pipeline_microbatches': 3}, {}, r'does not split into .*pipeline_microbatches=3'),
     ({'pipeline_microbatches': 8}, {'batch_size': 8}, r'microbatches divisible by data x fsdp = 2'),
     ({'scan_layers': False}, {}, r'need config.model.scan_layers=True'),
+    ({'pipeline_repeats': 2, 'pipeline_microbatches': 2}, {},
+     r'circular pipeline .* needs config.model.pipeline_microbatches=2 >= the 4 stages'),
+    ({'pipeline_repeats': 3}, {}, r'n_layers=8 is not divisible by .*pipeline_repeats=3'),
 ])
 def test_bad_pipeline_configs(model, train, message):
   config = tiny_config(n_layers=8)
