@@ -191,10 +191,12 @@ def _validate_pipeline(c: ml_collections.ConfigDict, stages: int, batch: int,
                       f'{m.pipeline_repeats}) needs config.model.pipeline_microbatches='
                       f'{m.pipeline_microbatches} >= the {stages} stages')
   micro = m.pipeline_microbatches
-  if micro < 1 or batch % micro or (batch // micro) % batch_shards:
-    raise ConfigError(f'the batch of {batch} sequences (per gradient-accumulation step) does not '
-                      f'split into config.model.pipeline_microbatches={micro} microbatches '
-                      f'divisible by data x fsdp = {batch_shards}')
+  for name, size in (('the batch', batch),
+                     ('config.train.eval_batch_size', c.train.eval_batch_size)):
+    if micro < 1 or size % micro or (size // micro) % batch_shards:
+      raise ConfigError(f'{name} of {size} sequences does not split into '
+                        f'config.model.pipeline_microbatches={micro} microbatches divisible by '
+                        f'data x fsdp = {batch_shards}')
 
 
 def validate(c: ml_collections.ConfigDict, device_count: int) -> None:

@@ -49,7 +49,7 @@ class ModelConfig:
   remat: str = 'none'
   scan_layers: bool = True
   pipeline_stages: int = 1         # the mesh's 'stage' size (set by lm.steps.build)
-  pipeline_microbatches: int = 1
+  pipeline_microbatches: int = 1   # 0: apply the stack unpipelined (e.g. to sample)
   pipeline_repeats: int = 1        # > 1: circular schedule (see lm/pipeline.py)
 
   @classmethod
@@ -223,10 +223,18 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       layers = _stack(block, cfg.n_layers)(cfg, not train, name='layers')
-      if cfg.pipeline_stages > 1 and not self.is_initializing():
-        x_BxLxD = self._pipelined(block, layers.variables['params'], x_BxLxD, train)
-      else:
+      pipelined = cfg.pipeline_stages > 1 and cfg.pipeline_microbatches > 0
+      if self.is_initializing() or not (pipelined or cfg.pipeline_repeats > 1):
         x_BxLxD, _ = layers(x_BxLxD, None)
+      elif pipelined:
+        x_BxLxD = self._pipelined(block, layers.variables['params'], x_BxLxD, train)
+      else:   # a circular pipeline's layers, unpipelined: their logical order differs
+        order = jnp.array(pipeline.logical_order(cfg.n_layers, cfg.pipeline_stages,
+                                                 cfg.pipeline_repeats))
+        in_order = jax.tree.map(lambda p: p[order], layers.variables['params'])
+        stack = _stack(block, cfg.n_layers)(cfg, not train, parent=None)
+        x_BxLxD, _ = stack.apply({'params': in_order}, x_BxLxD, None,
+                                 rngs={'dropout': self.make_rng('dropout')} if train else {})
     else:
       for i in range(cfg.n_layers):
         x_BxLxD, _ = block(cfg, not train, name=f'layers_{i}')(x_BxLxD)

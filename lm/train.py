@@ -1,4 +1,5 @@
 """The training loop: data, init or resume, train / eval / checkpoint, final test and sample."""
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from etils import epath
 from lm import checkpoint, sample, sharding, steps
 from lm import config as config_lib
 from lm import metrics as metrics_lib
+from lm import model as model_lib
 from lm.data import pipeline
 
 
@@ -155,7 +157,10 @@ def _print_sample(config, program: steps.Program, params, tokenizer) -> None:
   if s.num_tokens <= 0:
     return
   prompt = tokenizer.encode(s.prompt)
-  ids = sample.generate(program.model, params, prompt, s.num_tokens,
+  # one sequence at a time: the layer stack unpipelined (pipeline_microbatches=0)
+  model = model_lib.Transformer(dataclasses.replace(program.model_config,
+                                                    pipeline_microbatches=0))
+  ids = sample.generate(model, params, prompt, s.num_tokens,
                         vocab_size=tokenizer.vocab_size, max_len=config.data.seq_len,
                         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                         rng=jax.random.PRNGKey(config.train.seed))

@@ -1,4 +1,5 @@
 """Pipeline stages give the loss and gradients of the unpipelined model."""
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
+from lm import model as model_lib
 from lm import pipeline, sharding, steps
 from tests.conftest import build_program, random_batch, tiny_config
 
@@ -64,6 +66,22 @@ def test_circular_pipeline_matches_the_plain_stack_in_logical_order(shape, micro
                                                           tree['layers'])}
   reference = _loss_and_grads((1, 1, 1, 1), 1, params=in_order(jax.device_get(params)))[0]
   _assert_same((loss, in_order(jax.device_get(grads))), reference)
+
+
+def test_unpipelined_application_of_circular_layers_for_sampling():
+  """pipeline_microbatches=0 applies a circular pipeline's layers in their logical order
+  without pipelining (as sampling one sequence does)."""
+  _, params = _loss_and_grads((1, 1, 1, 2), 2, repeats=2)
+  config = build_program(tiny_config(n_layers=8), (1, 1, 1, 1)).model_config
+  circular = dataclasses.replace(config, pipeline_stages=2, pipeline_repeats=2,
+                                 pipeline_microbatches=0)
+  tokens = random_batch(2, 16)['inputs']
+  order = np.array(pipeline.logical_order(8, 2, 2))
+  params = jax.device_get(params)
+  in_order = {**params, 'layers': jax.tree.map(lambda p: p[order], params['layers'])}
+  np.testing.assert_allclose(
+      model_lib.Transformer(circular).apply({'params': params}, tokens),
+      model_lib.Transformer(config).apply({'params': in_order}, tokens), rtol=1e-5, atol=1e-6)
 
 
 def test_logical_order():
