@@ -47,7 +47,7 @@ class MetricsWriter:
     if not enabled:
       return
     self.path = workdir / 'metrics.jsonl'
-    self.remote = '://' in str(workdir)
+    self.remote = is_remote(workdir)
     self.lines = []
     if self.path.exists():
       self.lines = [line + '\n' for line in self.path.read_text().splitlines()
@@ -81,6 +81,11 @@ class MetricsWriter:
   def close(self) -> None:
     if self.enabled:
       self.tb.close()
+
+
+def is_remote(path: epath.Path) -> bool:
+  """An object-store path (gs://, s3://): no appending, no local file handles."""
+  return '://' in str(path)
 
 
 def _plain(value):

@@ -223,18 +223,18 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       layers = _stack(block, cfg.n_layers)(cfg, not train, name='layers')
-      pipelined = cfg.pipeline_stages > 1 and cfg.pipeline_microbatches > 0
-      if self.is_initializing() or not (pipelined or cfg.pipeline_repeats > 1):
+      circular = cfg.pipeline_stages > 1 and cfg.pipeline_repeats > 1
+      if self.is_initializing() or cfg.pipeline_stages == 1 or (
+          cfg.pipeline_microbatches == 0 and not circular):
         x_BxLxD, _ = layers(x_BxLxD, None)
-      elif pipelined:
+      elif cfg.pipeline_microbatches > 0:
         x_BxLxD = self._pipelined(block, layers.variables['params'], x_BxLxD, train)
-      else:   # a circular pipeline's layers, unpipelined: their logical order differs
+      else:   # a circular pipeline's layers used unpipelined: stored out of logical order
         order = jnp.array(pipeline.logical_order(cfg.n_layers, cfg.pipeline_stages,
                                                  cfg.pipeline_repeats))
         in_order = jax.tree.map(lambda p: p[order], layers.variables['params'])
-        stack = _stack(block, cfg.n_layers)(cfg, not train, parent=None)
-        x_BxLxD, _ = stack.apply({'params': in_order}, x_BxLxD, None,
-                                 rngs={'dropout': self.make_rng('dropout')} if train else {})
+        x_BxLxD = self._apply_stack(block, cfg.n_layers, in_order, x_BxLxD,
+                                    self._dropout_rng(train), train)
     else:
       for i in range(cfg.n_layers):
         x_BxLxD, _ = block(cfg, not train, name=f'layers_{i}')(x_BxLxD)
@@ -254,16 +254,19 @@ class Transformer(nn.Module):
     """The layer stack as GPipe stages over the 'stage' mesh axis (lm/pipeline.py)."""
     cfg = self.cfg
     chunk = cfg.n_layers // (cfg.pipeline_stages * cfg.pipeline_repeats)
-    stage = _stack(block, chunk)(cfg, not train, parent=None)
-
-    def stage_fn(params, x, rng):
-      rngs = {} if rng is None else {'dropout': rng}
-      return stage.apply({'params': params}, x, None, rngs=rngs)[0]
-
-    rng = self.make_rng('dropout') if train and cfg.dropout > 0 else None
+    stage_fn = lambda params, x, rng: self._apply_stack(block, chunk, params, x, rng, train)
     return pipeline.run(stage_fn, layer_params, x_BxLxD, stages=cfg.pipeline_stages,
                         microbatches=cfg.pipeline_microbatches,
-                        repeats=cfg.pipeline_repeats, rng=rng)
+                        repeats=cfg.pipeline_repeats, rng=self._dropout_rng(train))
+
+  def _apply_stack(self, block, n_layers: int, params, x_BxLxD, rng, train: bool):
+    """n_layers scanned blocks applied functionally to the given (stacked) parameters."""
+    stack = _stack(block, n_layers)(self.cfg, not train, parent=None)
+    rngs = {} if rng is None else {'dropout': rng}
+    return stack.apply({'params': params}, x_BxLxD, None, rngs=rngs)[0]
+
+  def _dropout_rng(self, train: bool):
+    return self.make_rng('dropout') if train and self.cfg.dropout > 0 else None
 
 
 def _stack(block, n_layers: int):

@@ -57,7 +57,7 @@ def run(stage_fn: Callable, params, x_BxLxD, *, stages: int, microbatches: int,
   def tick(carry, t):
     slots_Sxb, loop_back_Mxb, outputs_Mxb = carry
     # item k = r * M + m (repeat r of microbatch m) enters stage 0 at tick k
-    entering = jnp.where(t < M, x_Mxb[t % M], loop_back_Mxb[t % M])
+    entering = x_Mxb[t % M] if R == 1 else jnp.where(t < M, x_Mxb[t % M], loop_back_Mxb[t % M])
     slots_Sxb = slots_Sxb.at[0].set(entering)
     slots_Sxb = nn.with_logical_constraint(slots_Sxb, ('stage', 'batch', 'length', 'act_embed'))
     repeat_S = jnp.clip((t - stage_ids) // M, 0, R - 1)   # stage s works on item t - s
@@ -69,10 +69,12 @@ def run(stage_fn: Callable, params, x_BxLxD, *, stages: int, microbatches: int,
     m, last = leaving % M, leaving // M == R - 1
     outputs_Mxb = outputs_Mxb.at[m].set(
         jnp.where((leaving >= 0) & last, out_Sxb[-1], outputs_Mxb[m]))
-    loop_back_Mxb = loop_back_Mxb.at[m].set(
-        jnp.where((leaving >= 0) & ~last, out_Sxb[-1], loop_back_Mxb[m]))
+    if R > 1:   # GPipe (R = 1) never loops back
+      loop_back_Mxb = loop_back_Mxb.at[m].set(
+          jnp.where((leaving >= 0) & ~last, out_Sxb[-1], loop_back_Mxb[m]))
     return (jnp.roll(out_Sxb, 1, axis=0), loop_back_Mxb, outputs_Mxb), None
 
-  carry = (slots_Sxb, jnp.zeros_like(x_Mxb), jnp.zeros_like(x_Mxb))
+  loop_back_Mxb = jnp.zeros_like(x_Mxb) if R > 1 else jnp.zeros([], x_BxLxD.dtype)
+  carry = (slots_Sxb, loop_back_Mxb, jnp.zeros_like(x_Mxb))
   (_, _, outputs_Mxb), _ = jax.lax.scan(tick, carry, jnp.arange(R * M + S - 1))
   return outputs_Mxb.reshape(x_BxLxD.shape)

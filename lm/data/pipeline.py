@@ -50,7 +50,7 @@ def check_text_file(path: epath.Path, field: str) -> None:
     raise ConfigError(f'{field}: {path} is not UTF-8 text (bad byte at offset {e.start})') from None
 
 
-def documents(data_cfg, process_count: int = 1) -> dict[str, grain.MapDataset]:
+def documents(data_cfg) -> dict[str, grain.MapDataset]:
   """Split name -> random-access dataset of document strings, read through TFDS."""
   kind, _, name = data_cfg.source.partition(':')
   data_dir = data_cfg.tfds_data_dir or None
