@@ -7,6 +7,7 @@ anything compiles.
 """
 import difflib
 import math
+import os
 
 import ml_collections
 
@@ -17,6 +18,7 @@ REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'everything')
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'reference')
 TOKENIZERS = ('char', 'byte', 'spm_bpe', 'spm_unigram')
 PACKINGS = ('window', 'pack')
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'lm', 'data')
 
 
 class ConfigError(ValueError):
@@ -60,7 +62,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       text_key='text',        # field holding the text in JSONL lines and TFDS examples
       split_fractions=(0.9, 0.05, 0.05),  # train / validation / test, for local files
       tfds_splits=('train', 'validation', 'test'),  # split names for tfds:NAME sources
-      tfds_data_dir='',       # '' : TFDS's default (~/tensorflow_datasets)
+      # where prepared data goes (TFDS array_record files, token files, downloads of tfds:NAME
+      # sources); '' : DEFAULT_DATA_DIR. Shared by runs: prepared once per corpus and tokenizer.
+      dir='',
       tokenizer='char',       # one of TOKENIZERS
       spm_vocab_size=1024,    # for spm_* tokenizers, trained on the train split
       seq_len=64,
@@ -98,6 +102,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       async_checkpoints=True,
+      # RUN_DIR or RUN_DIR/checkpoints/STEP: start from that run's parameters (and tokenizer),
+      # not its optimizer state, step or data position; ignored once this run has checkpoints
+      init_from='',
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -256,6 +263,9 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
     raise ConfigError(f'config.model.d_model={m.d_model} is not divisible by the fsdp mesh axis '
                       f'({fsdp})')
   o = c.optim
+  if o.name == 'adam' and o.weight_decay:
+    raise ConfigError(f"config.optim.name='adam' ignores config.optim.weight_decay="
+                      f"{o.weight_decay}: use name='adamw' (decoupled decay) or weight_decay=0")
   if not 0 <= o.warmup_steps < o.decay_steps:
     raise ConfigError(f'config.optim.warmup_steps={o.warmup_steps} must be at least 0 and less '
                       f'than config.optim.decay_steps={o.decay_steps} (0 means train.steps)')

@@ -41,12 +41,15 @@ def weight_decay_mask(params, decay_embeddings: bool):
 
 
 def _optimizers(o, schedule, mask) -> dict[str, Callable[[], optax.GradientTransformation]]:
+  # Adafactor adds its decay after the learning-rate scaling, so a constant rate would remove
+  # that fraction of every weight per step: scale it by the schedule, as AdamW's is.
+  adafactor_decay = (lambda count: o.weight_decay * schedule(count)) if o.weight_decay else None
   return {
       'adamw': lambda: optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay,
                                    mask=mask),
       'adam': lambda: optax.adam(schedule, o.b1, o.b2, o.eps),
       'lion': lambda: optax.lion(schedule, o.b1, o.b2, weight_decay=o.weight_decay, mask=mask),
-      'adafactor': lambda: optax.adafactor(schedule, weight_decay_rate=o.weight_decay or None,
+      'adafactor': lambda: optax.adafactor(schedule, weight_decay_rate=adafactor_decay,
                                            weight_decay_mask=mask),
       'sgd': lambda: optax.chain(optax.add_decayed_weights(o.weight_decay, mask),
                                  optax.sgd(schedule, momentum=o.b1)),

@@ -3,6 +3,8 @@
 This version recomputes the context window at every token, which is all a 64-token
 character model needs; a KV cache belongs with the post-training work.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,10 +27,13 @@ def filter_logits(logits_V, temperature: float, top_k: int, top_p: float):
 
 def generate(model, params, prompt_ids: np.ndarray, num_tokens: int, *, vocab_size: int,
              max_len: int, temperature: float, top_k: int, top_p: float,
-             rng: jax.Array) -> np.ndarray:
-  """prompt_ids followed by num_tokens sampled ids (never a padding id >= vocab_size)."""
+             rng: jax.Array, out_sharding=None) -> np.ndarray:
+  """prompt_ids followed by num_tokens sampled ids (never a padding id >= vocab_size).
 
-  @jax.jit
+  With parameters sharded over several processes every process must call this alike;
+  `out_sharding` (replicated over the parameters' mesh) gives each the token."""
+
+  @functools.partial(jax.jit, out_shardings=out_sharding)
   def next_token(params, window_1xL, last, rng):
     logits_V = model.apply({'params': params}, window_1xL)[0, last]
     logits_V = jnp.where(jnp.arange(logits_V.shape[-1]) < vocab_size, logits_V, -jnp.inf)
@@ -39,6 +44,6 @@ def generate(model, params, prompt_ids: np.ndarray, num_tokens: int, *, vocab_si
   for i in range(num_tokens):
     context = ids[-max_len:]
     window[0, :len(context)] = context
-    token = next_token(params, jnp.asarray(window), len(context) - 1, jax.random.fold_in(rng, i))
+    token = next_token(params, window, np.int32(len(context) - 1), jax.random.fold_in(rng, i))
     ids.append(int(token))
   return np.asarray(ids, np.int32)

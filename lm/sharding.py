@@ -34,6 +34,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> slice:
+  """The rows of a global batch that this process's devices hold: what it must read. Rows
+  are replicated over the tensor and stage axes, so processes may share them."""
+  indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()
+  rows = sorted({i for (s,) in indices for i in range(*s.indices(batch_size))})
+  if rows != list(range(rows[0], rows[-1] + 1)):
+    raise config_lib.ConfigError(
+        f'process {jax.process_index()} holds rows {rows} of the batch of {batch_size}, not a '
+        'contiguous block; order config.mesh.shape so that data and fsdp split across hosts')
+  return slice(rows[0], rows[-1] + 1)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

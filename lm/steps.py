@@ -64,7 +64,9 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, accum_steps):
   loss, grads = loss_and_grads(state.params, batch, rng, model, accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step),
+  # the schedule advances only on applied updates: skipped (non-finite) steps do not count
+  applied_lr = schedule(state.step - state.opt_state.total_notfinite)
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': applied_lr,
              'skipped_steps': opt_state.total_notfinite,
              'nonfinite_streak': opt_state.notfinite_count}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -82,12 +84,17 @@ class Program:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   mesh: jax.sharding.Mesh
+  rules: tuple          # logical axis -> mesh axes
   state_sharding: TrainState
   batch_sharding: jax.sharding.NamedSharding
   abstract_state: TrainState   # shapes, dtypes and shardings: the restore target
   init: Callable[[jax.Array], TrainState]
   train_step: Callable[[TrainState, Any], tuple[TrainState, dict]]
   eval_step: Callable[[Any, Any], tuple[jax.Array, jax.Array]]
+
+  def in_mesh(self, fn: Callable) -> Callable:
+    """fn traced on this program's mesh with its logical-axis rules (for jitting more)."""
+    return _in_mesh(fn, self.mesh, self.rules)
 
 
 def _in_mesh(fn, mesh, rules):
@@ -133,7 +140,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
   step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                               accum_steps=config.train.grad_accum_steps)
   return Program(
-      model=model, model_config=model_config, tx=tx, schedule=schedule, mesh=mesh,
+      model=model, model_config=model_config, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
       state_sharding=state_sharding, batch_sharding=batch_sharding, abstract_state=abstract_state,
       init=_in_mesh(jax.jit(init, out_shardings=state_sharding), mesh, rules),
       train_step=_in_mesh(jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),

@@ -20,7 +20,9 @@ def tiny_config(**model):
                       d_ff=64, dtype='float32', dropout=0.0), **model)
   c.data.seq_len = 16
   c.train.update(batch_size=8, eval_batch_size=8, steps=20, seed=0)
-  c.optim.update(warmup_steps=2, lr=1e-2)
+  # no warm-up: a learning rate of 0 on the first step would make one-step tests compare the
+  # initial parameters with themselves
+  c.optim.update(warmup_steps=0, lr=1e-2)
   return c
 
 
@@ -41,3 +43,24 @@ def build_program(config, shape=(1, 1, 1, 1), devices=None) -> steps.Program:
 def random_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
   tokens = np.random.default_rng(seed).integers(0, 64, (batch_size, seq_len + 1), np.int32)
   return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+
+
+def loss_and_grads(program: steps.Program, batch, accum_steps: int = 1, rng=None):
+  """Mean loss and gradients of the program's model at its initial parameters, on its mesh."""
+  params = program.init(jax.random.PRNGKey(0)).params
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  fn = jax.jit(lambda p, b: steps.loss_and_grads(p, b, rng, program.model, accum_steps))
+  return program.in_mesh(fn)(params, jax.device_put(batch, program.batch_sharding))
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  """'path' -> host array, for leaf-by-leaf comparisons with the path in the message."""
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def assert_trees_close(actual, expected, rtol, atol=0.0):
+  a, e = flat(actual), flat(expected)
+  assert a.keys() == e.keys()
+  for path in e:
+    np.testing.assert_allclose(a[path], e[path], rtol=rtol, atol=atol, err_msg=path)

@@ -7,7 +7,7 @@ import pytest
 from etils import epath
 
 from lm import config as config_lib
-from lm.data import pipeline
+from lm.data import pipeline, sources
 from tests.conftest import tiny_config
 
 
@@ -56,14 +56,14 @@ def test_bad_corpus_file_names_the_file(tmp_path, content, message):
   c = tiny_config()
   c.data.source = f'text:{path}'
   with pytest.raises(config_lib.ConfigError, match=f'config.data.source: .*{message}'):
-    pipeline.documents(c.data)
+    sources.documents(c.data)
 
 
 def test_corpus_shorter_than_a_sequence(tmp_path, tfds_dir):
   path = epath.Path(tmp_path) / 'short.txt'
   path.write_text('a few words\n' * 40)
   c = tiny_config()
-  c.data.update(source=f'text:{path}', seq_len=64, tfds_data_dir=tfds_dir)
+  c.data.update(source=f'text:{path}', seq_len=64, dir=tfds_dir)
   with pytest.raises(config_lib.ConfigError, match=r'validation split has \d+ tokens, fewer '
                                                    r'than one sequence'):
     pipeline.make_data(c, None)
@@ -73,7 +73,7 @@ def test_unknown_source_kind():
   c = tiny_config()
   c.data.source = 'hf:wikitext'
   with pytest.raises(config_lib.ConfigError, match="config.data.source='hf:wikitext' must be"):
-    pipeline.documents(c.data)
+    sources.documents(c.data)
 
 
 def test_main_prints_one_line_and_exits_2(tmp_path):

@@ -6,14 +6,14 @@ import pytest
 from etils import epath
 
 from lm import config as config_lib
-from lm.data import pipeline, tokenizers
+from lm.data import pipeline, sources, tokenizers
 
-TEXT = pipeline.SHAKESPEARE.read_text()
+TEXT = sources.SHAKESPEARE.read_text()
 
 
 def _data_config(tfds_dir, **overrides):
   c = config_lib.get_base_config()
-  c.data.tfds_data_dir = tfds_dir
+  c.data.dir = tfds_dir
   c.data.update(overrides)
   c.train.update(batch_size=8, eval_batch_size=8, eval_batches=3, seed=3)
   return c
@@ -44,7 +44,7 @@ def test_sentencepiece_trains_offline_and_round_trips(kind, tmp_path):
 
 
 def test_local_text_splits_are_contiguous_disjoint_and_complete(tfds_dir):
-  docs = pipeline.documents(_data_config(tfds_dir).data)
+  docs = sources.documents(_data_config(tfds_dir).data).splits
   parts = {split: ''.join(docs[split]) for split in ('train', 'validation', 'test')}
   assert parts['train'] + parts['validation'] + parts['test'] == TEXT
   for split, fraction in (('train', 0.9), ('validation', 0.05), ('test', 0.05)):
@@ -78,8 +78,8 @@ def test_same_seed_same_batches_other_seed_other_batches(tfds_dir):
 def test_process_shards_are_disjoint_and_make_up_the_global_batch():
   tokens = np.arange(10_000, dtype=np.int32)   # token value == position in the stream
   kw = dict(seq_len=16, stride=1, batch_size=8, seed=0)
-  whole = pipeline.window_batches(tokens, process_index=0, process_count=1, **kw)
-  shards = [pipeline.window_batches(tokens, process_index=p, process_count=4, **kw)
+  whole = pipeline.window_batches(tokens, rows=slice(0, 8), **kw)
+  shards = [pipeline.window_batches(tokens, rows=slice(2 * p, 2 * p + 2), **kw)
             for p in range(4)]
   seen = set()
   for step in range(50):
@@ -119,7 +119,7 @@ def test_jsonl_documents_with_eos_and_packing(tfds_dir, tmp_path):
     assert (batch['inputs'] == tokenizers.ByteTokenizer.eos_id).any()
     text = data.tokenizer.decode(batch['inputs'][0])
     assert 'document number' in text
-  docs = pipeline.documents(c.data)
+  docs = sources.documents(c.data).splits
   assert [len(docs[s]) for s in ('train', 'validation', 'test')] == [360, 20, 20]
 
 
@@ -127,8 +127,9 @@ def test_tfds_dataset_by_name(tfds_dir):
   """tfds:NAME reads a prepared dataset through tfds.data_source (here the local builder's
   output, as no network is available)."""
   c = _data_config(tfds_dir)
-  local = pipeline.documents(c.data)
+  local = sources.documents(c.data).splits
   name = next(p.name for p in (epath.Path(tfds_dir) / 'local_text').iterdir()
               if p.name.startswith('tinyshakespeare'))
-  by_name = pipeline.documents(_data_config(tfds_dir, source=f'tfds:local_text/{name}').data)
+  by_name = sources.documents(
+      _data_config(tfds_dir, source=f'tfds:local_text/{name}').data).splits
   assert ''.join(by_name['validation']) == ''.join(local['validation'])

@@ -20,7 +20,7 @@ def get_config():
   c.train.update(steps=12, eval_every=6, checkpoint_every=6, log_every=3, eval_batches=2)
   c.optim.warmup_steps = 2
   c.sample.num_tokens = 0
-  c.data.tfds_data_dir = {tfds_dir!r}
+  c.data.dir = {tfds_dir!r}
   return c
 
 def get_sweep():

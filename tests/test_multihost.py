@@ -31,7 +31,7 @@ def _curve(workdir):
 
 
 def test_two_hosts_match_one_and_resume(tmp_path, tfds_dir):
-  data_dir = f'--config.data.tfds_data_dir={tfds_dir}'
+  data_dir = f'--config.data.dir={tfds_dir}'
   one, two = tmp_path / 'one', tmp_path / 'two'
   run_main(one, *FLAGS, data_dir)
   run_hosts(two, *FLAGS, data_dir, '--config.train.steps=20')      # then "preempted"

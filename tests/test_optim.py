@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import optim
-from tests.conftest import build_program, random_batch, tiny_config
+from lm import optim, train
+from tests.conftest import build_program, flat, loss_and_grads, random_batch, tiny_config
 
 
 def _optim_config(**overrides):
@@ -41,9 +41,13 @@ def _params():
 
 
 @pytest.mark.parametrize('decay_embeddings', [True, False])
-def test_weight_decay_touches_exactly_the_masked_parameters(decay_embeddings):
-  o = _optim_config(schedule='constant', warmup_steps=0, weight_decay=0.5, clip_norm=0.0,
-                    decay_embeddings=decay_embeddings)
+@pytest.mark.parametrize('name', ['adamw', 'lion', 'sgd', 'adafactor'])
+def test_weight_decay_is_decoupled_and_touches_exactly_the_masked_parameters(name,
+                                                                            decay_embeddings):
+  """With zero gradients an update is the decay alone: -lr * weight_decay * param, on the
+  masked parameters only (Adafactor's too: optax adds its decay after the lr scaling)."""
+  o = _optim_config(name=name, schedule='constant', lr=0.3, warmup_steps=0, weight_decay=0.5,
+                    clip_norm=0.0, decay_embeddings=decay_embeddings)
   tx, _ = optim.make_optimizer(o)
   params = _params()
   zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -58,50 +62,79 @@ def test_weight_decay_touches_exactly_the_masked_parameters(decay_embeddings):
               "['embed']['embedding']": decay_embeddings,
               "['pos_embed']": decay_embeddings, "['head']": decay_embeddings}
   assert changed == expected
-  # decoupled decay: update = -lr * weight_decay * param, with zero gradients
-  np.testing.assert_allclose(updates['layers']['attn']['q']['kernel'], -0.5, rtol=1e-6)
+  np.testing.assert_allclose(updates['layers']['attn']['q']['kernel'], -0.3 * 0.5, rtol=1e-6)
 
 
-@pytest.mark.parametrize('name', ['adamw', 'adam', 'adafactor', 'lion', 'sgd'])
-def test_every_optimizer_trains(name):
+def test_adafactor_decay_follows_the_schedule():
+  o = _optim_config(name='adafactor', schedule='cosine', weight_decay=0.5, clip_norm=0.0)
+  tx, schedule = optim.make_optimizer(o)
+  params = {'kernel': jnp.ones((4, 4))}
+  state = tx.init(params)
+  for step in range(12):
+    updates, state = tx.update({'kernel': jnp.zeros((4, 4))}, state, params)
+    np.testing.assert_allclose(updates['kernel'], -0.5 * schedule(step), rtol=1e-6, atol=1e-12)
+
+
+def test_adam_with_weight_decay_points_at_adamw():
   config = tiny_config()
-  config.optim.name = name
-  config.optim.lr = 3e-3
-  program = build_program(config)
-  state = program.init(jax.random.PRNGKey(0))
-  batch = random_batch(config.train.batch_size, config.data.seq_len)
-  losses = []
-  for _ in range(8):
-    state, metrics = program.train_step(state, batch)
-    losses.append(float(metrics['loss']))
-  assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+  config.optim.update(name='adam', weight_decay=0.1)
+  with pytest.raises(config_lib.ConfigError, match="name='adamw'"):
+    config_lib.validate(config_lib.resolve(config, None), 1)
 
 
-def test_gradient_accumulation_equals_one_big_batch():
-  big = tiny_config()
-  big.train.batch_size = 32
-  accum = tiny_config()
-  accum.train.update(batch_size=32, grad_accum_steps=4)
+@pytest.mark.parametrize('style', ['gpt', 'llama'])
+@pytest.mark.parametrize('decay_embeddings', [True, False])
+def test_weight_decay_mask_of_the_real_model(style, decay_embeddings):
+  model = {} if style == 'gpt' else dict(positions='rope', norm='rmsnorm', mlp='swiglu',
+                                         use_bias=False, tie_embeddings=False)
+  params = build_program(tiny_config(**model)).abstract_state.params
+  mask = optim.weight_decay_mask(params, decay_embeddings)
+  decayed = sorted(jax.tree_util.keystr(p, simple=True, separator='/')
+                   for p, d in jax.tree_util.tree_flatten_with_path(mask)[0] if d)
+  kernels = ['layers/attn/kv/kernel', 'layers/attn/o/kernel', 'layers/attn/q/kernel',
+             'layers/mlp/wi/kernel', 'layers/mlp/wo/kernel']
+  tables = (['embed/embedding', 'pos_embed'] if style == 'gpt' else
+            ['embed/embedding', 'head'])
+  assert decayed == sorted(kernels + (tables if decay_embeddings else []))
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_gradient_accumulation_equals_one_big_batch(dropout):
+  """4 microbatches of 8 give the loss and gradients of one batch of 32 (leaf by leaf), and so
+  the same SGD step. With dropout the microbatches draw other masks than one batch would:
+  accumulation on 8 devices then equals accumulation on one."""
   batch = random_batch(32, 16)
   results = []
-  for config in (big, accum):
-    program = build_program(config, (2, 2, 2, 1))
-    state, metrics = program.train_step(program.init(jax.random.PRNGKey(0)),
-                                        jax.device_put(batch, program.batch_sharding))
-    results.append((state.params, jax.device_get(metrics)))
-  (p_big, m_big), (p_acc, m_acc) = results
-  np.testing.assert_allclose(m_acc['loss'], m_big['loss'], rtol=1e-6)
-  np.testing.assert_allclose(m_acc['grad_norm'], m_big['grad_norm'], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p_acc, p_big)
+  for accum, shape in ((1, (2, 2, 2, 1)), (4, (2, 2, 2, 1)), (4, (1, 1, 1, 1))):
+    config = tiny_config(dropout=dropout)
+    config.train.update(batch_size=32, grad_accum_steps=accum)
+    config.optim.update(name='sgd', lr=0.1, weight_decay=0.0)
+    program = build_program(config, shape)
+    loss, grads = loss_and_grads(program, batch, accum_steps=accum)
+    state, _ = program.train_step(program.init(jax.random.PRNGKey(0)),
+                                  jax.device_put(batch, program.batch_sharding))
+    results.append((float(loss), flat(grads), flat(state.params)))
+  reference = results[0] if dropout == 0 else results[2]
+  for loss, grads, params in results[1:2]:
+    np.testing.assert_allclose(loss, reference[0], rtol=1e-6)
+    for path, g in reference[1].items():
+      np.testing.assert_allclose(grads[path], g, rtol=1e-5, atol=2e-6 * np.abs(g).max(),
+                                 err_msg=path)
+      np.testing.assert_allclose(params[path], reference[2][path], rtol=1e-6, atol=1e-7,
+                                 err_msg=path)
+  if dropout:   # the masks are drawn: the loss differs from the dropout-free model's
+    assert abs(results[1][0] - results[0][0]) > 1e-3
 
 
 def test_nonfinite_gradients_skip_the_update_and_training_continues():
-  program = build_program(tiny_config())
+  config = tiny_config()
+  config.optim.warmup_steps = 10   # a rising learning rate: the logged one must be the applied one
+  program = build_program(config)
   state = program.init(jax.random.PRNGKey(0))
   good = random_batch(8, 16)
   poisoned = {**good, 'weights': np.full((8, 16), np.nan, np.float32)}
   good['weights'] = np.ones((8, 16), np.float32)
-  state, _ = program.train_step(state, good)   # the warm-up's first step has lr 0
+  state, first = program.train_step(state, good)
   before = jax.tree.map(np.array, state.params)   # a copy: the state is donated
   state, metrics = program.train_step(state, poisoned)
   assert not np.isfinite(metrics['loss'])
@@ -112,3 +145,27 @@ def test_nonfinite_gradients_skip_the_update_and_training_continues():
   assert int(metrics['skipped_steps']) == 1 and int(metrics['nonfinite_streak']) == 0
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), jax.device_get(state.params), before)
   assert all(jax.tree.leaves(changed))
+  # the schedule counts applied updates: the third step applied the second update's rate
+  np.testing.assert_allclose([first['lr'], metrics['lr']],
+                             [program.schedule(0), program.schedule(1)], rtol=1e-6)
+  assert float(program.schedule(1)) > 0
+
+
+def test_nonfinite_streak_of_the_real_optimizer_stops_the_run():
+  """K poisoned batches in a row through the real step and logger end the run."""
+  config = config_lib.resolve(tiny_config(), 64)
+  program = build_program(tiny_config())
+
+  class Quiet:
+    def write(self, *_): pass
+    def set_postfix(self, *_, **__): pass
+
+  logger = train.Logger(config, program, Quiet(), Quiet(), 0)
+  state = program.init(jax.random.PRNGKey(0))
+  batch = {**random_batch(8, 16), 'weights': np.full((8, 16), np.inf, np.float32)}
+  limit = config.optim.max_nonfinite_steps
+  with pytest.raises(train.NonFiniteError, match=f'{limit} updates in a row had non-finite'):
+    for step in range(1, limit + 2):   # step n's metrics are checked when step n + 1 is pushed
+      state, metrics = program.train_step(state, batch)
+      logger.push(step, metrics)
+  assert step == limit + 1

@@ -1,6 +1,7 @@
 """End to end: the main command, exact resume after a kill, checkpoint fallback, learning."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -35,11 +36,14 @@ def push_or_die(self, step, metrics):
     os.kill(os.getpid(), signal.SIGKILL)
   push(self, step, metrics)
 checkpoint.Checkpointer.save, train.Logger.push = save_and_wait, push_or_die
-app.run(main.main)
+app.run(main.main, flags_parser=main.parse_flags)
 '''
 
 
-def run_main(workdir, *flags, config='experiments/shakespeare_char.py', kill_at=None,
+EXPERIMENT = 'experiments/shakespeare_char.py'
+
+
+def run_main(workdir, *flags, config=EXPERIMENT, kill_at=None,
              check=True):
   """Runs the main command in a fresh process on one CPU device."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
@@ -72,13 +76,15 @@ def load_params(workdir, step):
 
 
 def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
-  data_dir = f'--config.data.tfds_data_dir={tfds_dir}'
+  """With dropout on: the resumed run replays the same masks."""
+  data_dir = f'--config.data.dir={tfds_dir}'
   whole, killed = tmp_path / 'whole', tmp_path / 'killed'
-  run_main(whole, *SMALL, data_dir)
-  crashed = run_main(killed, *SMALL, data_dir, kill_at=35, check=False)
+  dropout = '--config.model.dropout=0.1'
+  run_main(whole, *SMALL, data_dir, dropout)
+  crashed = run_main(killed, *SMALL, data_dir, dropout, kill_at=35, check=False)
   assert crashed.returncode == -9, crashed.stderr[-2000:]
   assert max(losses_by_step(killed)) >= 33        # it logged past the checkpoint, then died
-  resumed = run_main(killed, *SMALL, data_dir)
+  resumed = run_main(killed, *SMALL, data_dir, dropout)
   assert 'resuming at step 30' in resumed.stdout
 
   # the same losses at every step (so the same batches) and bitwise the same parameters
@@ -90,9 +96,9 @@ def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
   assert len(final) == 1 and final[0] == [m for m in read_metrics(whole) if 'test_loss' in m][0]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, tfds_dir):
+def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, tfds_dir):
   workdir = tmp_path / 'run'
-  flags = [*SMALL, f'--config.data.tfds_data_dir={tfds_dir}']
+  flags = [*SMALL, f'--config.data.dir={tfds_dir}']
   run_main(workdir, *flags)
   for f in (workdir / 'checkpoints' / '60' / 'state').rglob('*'):
     if f.is_file():
@@ -101,12 +107,100 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, tfds_dir):
   assert 'checkpoint 60' in result.stderr and 'falling back' in result.stderr
   assert 'resuming at step 30' in result.stdout
   assert max(losses_by_step(workdir)) == 70
+  assert sorted(losses_by_step(workdir)) == list(range(1, 71))   # 31-60 logged again, once
+  # the unreadable one is kept aside, and step 60 was saved again rather than skipped
+  names = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
+  assert names == ['30', '60', '60.corrupt', '70'], names
+
+  for step in ('30', '60', '70'):   # nothing readable left: an error, never a fresh start
+    for f in (workdir / 'checkpoints' / step).rglob('*'):
+      if f.is_file():
+        f.write_bytes(b'garbage')
+  lines = len(read_metrics(workdir))
+  for _ in range(2):   # the second time only the .corrupt directories are left
+    failed = run_main(workdir, *flags, '--config.train.steps=80', check=False)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert 'holds no readable checkpoint' in failed.stderr.strip().splitlines()[-1]
+    assert len(read_metrics(workdir)) == lines
+
+
+def test_resume_refuses_another_model_and_keeps_the_schedule(tmp_path, tfds_dir):
+  workdir = tmp_path / 'run'
+  flags = [*SMALL, f'--config.data.dir={tfds_dir}']
+  run_main(workdir, *flags)
+  before = read_metrics(workdir)
+  refused = run_main(workdir, *flags, '--config.model.d_model=32', '--config.train.steps=90',
+                     check=False)
+  assert refused.returncode == 2
+  assert refused.stderr.strip().splitlines()[-1] == (
+      f'error: cannot resume {workdir} from step 60: config.model.d_ff was 256, now 128; '
+      'config.model.d_model was 64, now 32. Use a new --workdir, or start a new run from this '
+      f'one with --config.train.init_from={workdir}')
+  assert read_metrics(workdir) == before   # nothing lost, nothing written
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['30', '60']
+
+  refused = run_main(workdir, *flags, '--config.data.seq_len=32', check=False)
+  assert refused.returncode == 2 and 'config.data.seq_len was 64, now 32' in refused.stderr
+
+  extended = run_main(workdir, *flags, '--config.train.steps=90')
+  assert 'config.optim.decay_steps=60' in extended.stdout
+  lrs = {m['step']: m['lr'] for m in read_metrics(workdir) if 'lr' in m}
+  # the cosine schedule of 60 steps had reached its floor; it stays there, no jump back up
+  np.testing.assert_allclose([lrs[s] for s in range(61, 91)], 1e-4, rtol=1e-5)   # step n: lr(n - 1)
+
+
+def test_warm_start_takes_the_parameters_and_tokenizer_of_another_run(tmp_path, tfds_dir):
+  source, target = tmp_path / 'source', tmp_path / 'target'
+  flags = [*SMALL, f'--config.data.dir={tfds_dir}']
+  run_main(source, *flags)
+  frozen = ['--config.optim.lr=0', '--config.optim.min_lr=0', '--config.train.steps=30']
+  result = run_main(target, *flags, *frozen, f'--config.train.init_from={source}')
+  assert f'starting from the parameters of {source}/checkpoints/60' in result.stdout
+  assert (target / 'tokenizer.json').read_text() == (source / 'tokenizer.json').read_text()
+  # a learning rate of 0: the target's parameters are the source's, bit for bit
+  jax.tree.map(np.testing.assert_array_equal, load_params(target, 30), load_params(source, 60))
+  assert sorted(losses_by_step(target)) == list(range(1, 31))   # its own step count
+  first_loss = losses_by_step(target)[1]
+  assert first_loss < losses_by_step(source)[1] - 0.5   # trained weights, not a fresh model
+
+  mismatch = run_main(tmp_path / 'other', *flags, '--config.model.n_layers=3',
+                      f'--config.train.init_from={source}/checkpoints/30', check=False)
+  assert mismatch.returncode == 2
+  line = mismatch.stderr.strip().splitlines()[-1]
+  assert line.startswith(f'error: config.train.init_from: the parameters of {source}/checkpoints/'
+                         '30 do not fit this model: layers_2/attn/kv/bias absent in the '
+                         'checkpoint, float32[2, 4, 16] here; '), line
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--config=experiments/no_such_file.py:smoke'],
+     'error: --config: no such experiment file: experiments/no_such_file.py'),
+    (['--config.model.n_layer=3'],
+     'error: a --config.* override names no config key: n_layer Did you mean "n_layers" '
+     'instead of "n_layer"?'),
+    (['--config.data.source=text:{short}'],
+     r'error: config.data.source: {short} \(22 bytes\) leaves the validation split empty'),
+    (['--config.data.source=jsonl:{jsonl}'],
+     r'error: config.data.source: {jsonl}:2: not a JSON object with a string field .text.'),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tfds_dir, flags, message):
+  short, jsonl = tmp_path / 'short.txt', tmp_path / 'docs.jsonl'
+  short.write_text('two short\nlines here.\n')
+  jsonl.write_text('{"text": "fine"}\n{"text": broken\n' + '{"text": "more"}\n' * 40)
+  flags = [f.format(short=short, jsonl=jsonl) for f in flags]
+  config = flags.pop()[len('--config='):] if flags[-1].startswith('--config=') else EXPERIMENT
+  result = run_main(tmp_path / 'run', f'--config.data.dir={tfds_dir}', *flags, config=config,
+                    check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and re.fullmatch(message.format(short=short, jsonl=jsonl) + '.*',
+                                          lines[0]), result.stderr[-3000:]
 
 
 def test_smoke_main_command_leaves_its_artifacts(tmp_path, tfds_dir):
   """The 2-minute smoke version of the README's main command, with a relative workdir."""
   workdir = tmp_path / 'smoke'
-  result = run_main(os.path.relpath(workdir, ROOT), f'--config.data.tfds_data_dir={tfds_dir}',
+  result = run_main(os.path.relpath(workdir, ROOT), f'--config.data.dir={tfds_dir}',
                     config='experiments/shakespeare_char.py:smoke')
   assert 'sample:' in result.stdout and 'done: 60 steps' in result.stdout
   assert 'train' in result.stderr                  # the progress bar
@@ -142,7 +236,7 @@ def test_nonfinite_streak_stops_the_run():
 
 def test_shakespeare_char_reaches_nanogpt_validation_loss(tmp_path, tfds_dir):
   """The full recipe of experiments/shakespeare_char.py (nanoGPT: 1.886 on this machine)."""
-  result = run_main(tmp_path / 'sc', f'--config.data.tfds_data_dir={tfds_dir}',
+  result = run_main(tmp_path / 'sc', f'--config.data.dir={tfds_dir}',
                     '--config.sample.num_tokens=0')
   val = [m['val_loss'] for m in read_metrics(tmp_path / 'sc') if 'val_loss' in m]
   assert len(val) == 8 and val[-1] <= 1.89, (val, result.stdout[-500:])
@@ -150,7 +244,7 @@ def test_shakespeare_char_reaches_nanogpt_validation_loss(tmp_path, tfds_dir):
 
 def test_llama_experiment_with_sentencepiece_end_to_end(tmp_path, tfds_dir):
   workdir = tmp_path / 'llama'
-  result = run_main(workdir, f'--config.data.tfds_data_dir={tfds_dir}',
+  result = run_main(workdir, f'--config.data.dir={tfds_dir}',
                     config='experiments/llama_tiny.py:smoke')
   assert (workdir / 'tokenizer.model').exists()            # trained here, saved for resume
   assert json.loads((workdir / 'config.json').read_text())['model']['vocab_size'] == 1024

@@ -3,6 +3,7 @@
 `load_or_build` reuses the file saved by an earlier run of the same workdir, so a resumed run
 tokenizes exactly as the interrupted one did.
 """
+import hashlib
 import io
 import json
 import os
@@ -12,13 +13,17 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
+from lm.config import ConfigError
+
 
 class CharTokenizer:
   """One id per distinct character of the corpus, in sorted order (as nanoGPT does)."""
   eos_id = None
+  kind = 'char'
 
   def __init__(self, chars: str):
     self.chars = chars
+    self.fingerprint = _fingerprint(chars.encode('utf-8'))
     self._codepoints = np.array([ord(c) for c in chars], np.int64)
     self._order = np.argsort(self._codepoints)
     self.vocab_size = len(chars)
@@ -52,6 +57,8 @@ class ByteTokenizer:
   """UTF-8 bytes (ids 0-255) plus an end-of-document id 256."""
   eos_id = 256
   vocab_size = 257
+  kind = 'byte'
+  fingerprint = 'byte'
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
@@ -66,8 +73,9 @@ class ByteTokenizer:
 class SentencePieceTokenizer:
   """A SentencePiece BPE or unigram model trained on the training split."""
 
-  def __init__(self, model_proto: bytes):
-    self.model_proto = model_proto
+  def __init__(self, model_proto: bytes, kind: str):
+    self.model_proto, self.kind = model_proto, kind
+    self.fingerprint = _fingerprint(model_proto)
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self._sp.get_piece_size()
     self.eos_id = self._sp.eos_id()
@@ -82,7 +90,7 @@ class SentencePieceTokenizer:
         bos_id=-1, eos_id=1, unk_id=0, pad_id=-1, num_threads=os.cpu_count() or 1,
         input_sentence_size=2_000_000, shuffle_input_sentence=True,
         remove_extra_whitespaces=False, normalization_rule_name='identity', minloglevel=2)
-    return cls(model.getvalue())
+    return cls(model.getvalue(), f'spm_{model_type}')
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._sp.encode(text), np.int32)
@@ -92,7 +100,13 @@ class SentencePieceTokenizer:
 
   def save(self, path: epath.Path) -> None:
     path.with_suffix('.model').write_bytes(self.model_proto)
-    path.write_text(json.dumps({'kind': 'sentencepiece', 'model': path.with_suffix('.model').name}))
+    path.write_text(json.dumps({'kind': 'sentencepiece', 'config': self.kind,
+                                'model': path.with_suffix('.model').name}))
+
+
+def _fingerprint(spec: bytes) -> str:
+  """A short hash of what the tokenizer maps: names its token files."""
+  return hashlib.sha1(spec).hexdigest()[:12]
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
@@ -102,20 +116,38 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
         yield line
 
 
-def load(path: epath.Path):
+def load(path: epath.Path, kind: str):
+  """The tokenizer saved at `path`, which must be of the configured `kind`."""
   spec = json.loads(path.read_text())
-  if spec['kind'] == 'char':
+  saved = spec['kind'] if spec['kind'] in ('char', 'byte') else spec.get(
+      'config', kind if kind.startswith('spm') else 'sentencepiece')   # older files: no 'config'
+  if saved != kind:
+    raise ConfigError(f'config.data.tokenizer={kind!r}, but {path} holds a {saved!r} tokenizer '
+                      '(runs keep the tokenizer they started with)')
+  if kind == 'char':
     return CharTokenizer(spec['chars'])
-  if spec['kind'] == 'byte':
+  if kind == 'byte':
     return ByteTokenizer()
-  return SentencePieceTokenizer((path.parent / spec['model']).read_bytes())
+  return SentencePieceTokenizer((path.parent / spec['model']).read_bytes(), kind)
+
+
+def copy(source: epath.Path, target: epath.Path) -> None:
+  """Copies a saved tokenizer (its JSON and model file) from another run."""
+  if not source.exists():
+    raise ConfigError(f'config.train.init_from: {source} not found (the run to start from '
+                      'keeps its tokenizer there)')
+  target.parent.mkdir(parents=True, exist_ok=True)
+  model = json.loads(source.read_text()).get('model')
+  if model:
+    (source.parent / model).copy(target.parent / model, overwrite=True)
+  source.copy(target, overwrite=True)
 
 
 def load_or_build(kind: str, texts: Iterable[str], spm_vocab_size: int,
                   path: epath.Path | None):
   """The tokenizer saved at `path`, or a new one built from `texts` (and saved there)."""
   if path is not None and path.exists():
-    return load(path)
+    return load(path, kind)
   if kind == 'char':
     tokenizer = CharTokenizer.build(texts)
   elif kind == 'byte':
