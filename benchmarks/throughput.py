@@ -35,7 +35,8 @@ def main(argv) -> None:
   del argv
   config, data, program = train.setup(_CONFIG.value, None)
   state = program.init(jax.random.PRNGKey(0))
-  batches = [train.global_batch(program, next(data.train)) for _ in range(16)]
+  batches = [train.global_batch(program, next(data.train), config.train.batch_size)
+             for _ in range(16)]
   start = time.perf_counter()
   state, m = program.train_step(state, batches[0])
   jax.block_until_ready(m)

@@ -133,3 +133,59 @@ def test_tfds_dataset_by_name(tfds_dir):
   by_name = sources.documents(
       _data_config(tfds_dir, source=f'tfds:local_text/{name}').data).splits
   assert ''.join(by_name['validation']) == ''.join(local['validation'])
+
+
+def test_evaluation_windows_come_from_their_own_split(tfds_dir):
+  data = pipeline.make_data(_data_config(tfds_dir), None)
+  texts = {split: ''.join(docs) for split, docs in
+           sources.documents(_data_config(tfds_dir).data).splits.items()}
+  for split in ('validation', 'test'):
+    assert len(data.eval[split]) == 3
+    for batch in data.eval[split]:
+      for inputs, targets in zip(batch['inputs'], batch['targets']):
+        window = data.tokenizer.decode(np.concatenate([inputs, targets[-1:]]))
+        assert window in texts[split]
+
+
+def test_window_split_is_tokenized_once_into_a_memory_mapped_file(tfds_dir):
+  c = _data_config(tfds_dir)
+  pipeline.make_data(c, None)
+  files = sorted((epath.Path(tfds_dir) / 'tokens').glob('tinyshakespeare-*-validation-*.bin'))
+  assert len(files) == 1
+  tokens = np.memmap(files[0], np.uint16, mode='r')
+  validation = ''.join(sources.documents(c.data).splits['validation'])
+  tokenizer = tokenizers.CharTokenizer.build([TEXT])
+  np.testing.assert_array_equal(tokens, tokenizer.encode(validation))
+  mtime = files[0].stat().mtime
+  pipeline.make_data(c, None)                       # reused, not written again
+  assert files[0].stat().mtime == mtime
+
+
+@pytest.mark.parametrize('packing', ['window', 'pack'])
+def test_processes_rows_make_up_the_global_batches(tfds_dir, packing):
+  """Two processes' rows of every evaluation batch (padded with zero-weight rows in 'pack'
+  mode) put together are one process's batch, and there are as many on each."""
+  c = _data_config(tfds_dir, packing=packing, tokenizer='byte', add_eos=True)
+  c.train.eval_batches = 1000   # the whole validation split: the last 'pack' batch is partial
+  whole = pipeline.make_data(c, None)
+  halves = [pipeline.make_data(c, None, rows=lambda b, i=i: slice(i * b // 2, (i + 1) * b // 2))
+            for i in range(2)]
+  for split in ('validation', 'test'):
+    assert len(halves[0].eval[split]) == len(halves[1].eval[split]) == len(whole.eval[split])
+    for a, b, both in zip(halves[0].eval[split], halves[1].eval[split], whole.eval[split]):
+      for key in both:
+        np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), both[key])
+  if packing == 'pack':
+    weights = np.concatenate([b['weights'] for b in whole.eval['validation']])
+    assert 0 < weights.sum() < weights.size and set(np.unique(weights)) == {0.0, 1.0}
+
+
+def test_text_check_reads_in_chunks(tmp_path):
+  path = epath.Path(tmp_path) / 'big.txt'
+  # a 3-byte character across the 1 MiB chunk boundary is fine; a bad byte far in is found
+  head = b'a' * (sources.CHUNK_BYTES - 1) + '€'.encode()
+  path.write_bytes(head + b'text\n')
+  sources.check_text_file(path, 'config.data.source')
+  path.write_bytes(head + b'text\xff\n')
+  with pytest.raises(config_lib.ConfigError, match=f'bad byte at offset {len(head) + 4}'):
+    sources.check_text_file(path, 'config.data.source')

@@ -9,8 +9,9 @@ import pytest
 
 from lm import scaling
 
-# Hoffmann et al. 2022's fitted constants, used as the truth here
-E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
+# Hoffmann et al. 2022's fitted constants, used as the truth here, except B (410.7 there):
+# far from A, so that a fit that swapped the two would show
+E, A, B, ALPHA, BETA = 1.69, 406.4, 1200.0, 0.34, 0.28
 TRUE_A, TRUE_B = BETA / (ALPHA + BETA), ALPHA / (ALPHA + BETA)
 
 
@@ -32,6 +33,7 @@ def test_approach_3_recovers_the_constants(parametric):
   fit = parametric
   assert abs(fit['alpha'] - ALPHA) < 0.02 and abs(fit['beta'] - BETA) < 0.02
   assert abs(fit['E'] - E) < 0.05
+  assert abs(np.log(fit['A'] / A)) < 0.1 and abs(np.log(fit['B'] / B)) < 0.1   # 4% and 2% here
   assert abs(fit['a'] - TRUE_A) < 0.01 and abs(fit['b'] - TRUE_B) < 0.01
   assert abs(fit['a'] + fit['b'] - 1) < 1e-9
   # the closed-form optimum is where the loss is lowest along an IsoFLOP line
@@ -46,7 +48,8 @@ def test_approach_3_recovers_the_constants(parametric):
 
 def test_approach_2_isoflop_recovers_the_exponents():
   rng = np.random.default_rng(1)
-  rows = [(n, c / (6 * n)) for c in np.geomspace(1e18, 1e21, 4) for n in np.geomspace(1e7, 1e11, 9)]
+  # model sizes around the optimum of each budget (1e6-1e10 parameters for 1e18-1e21 FLOPs)
+  rows = [(n, c / (6 * n)) for c in np.geomspace(1e18, 1e21, 4) for n in np.geomspace(1e6, 1e10, 9)]
   n, d = map(np.array, zip(*rows))
   fit = scaling.fit_isoflop(n, d, law(n, d) * np.exp(rng.normal(0, 0.002, n.shape)))
   assert abs(fit['a'] - TRUE_A) < 0.02 and abs(fit['b'] - TRUE_B) < 0.02

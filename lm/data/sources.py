@@ -64,11 +64,12 @@ def check_text_file(path: epath.Path, field: str) -> None:
   decoder, offset, blank = codecs.getincrementaldecoder('utf-8')(), 0, True
   with path.open('rb') as f:
     while chunk := f.read(CHUNK_BYTES):
+      pending = len(decoder.getstate()[0])   # bytes of a character cut by the last chunk
       try:
         decoder.decode(chunk)
       except UnicodeDecodeError as e:
         raise ConfigError(f'{field}: {path} is not UTF-8 text (bad byte at offset '
-                          f'{offset + e.start})') from None
+                          f'{offset - pending + e.start})') from None
       blank = blank and not chunk.strip()
       offset += len(chunk)
     try:

@@ -1,0 +1,69 @@
+"""Data pipeline throughput and memory on a generated corpus: prints one JSON line.
+
+    python benchmarks/data.py --megabytes 300 [--tokenizer byte] [--packing window]
+        [--seq_len 1024] [--batch_size 32] [--batches 3000] [--dir /tmp/lm-data-bench]
+
+The corpus (Tiny Shakespeare repeated to the size asked) is written once under --dir, and
+so are the prepared files (TFDS array_record, token files); delete --dir to time a cold
+prepare. Keys: corpus_mb, prepare_s (splits, tokenizer and token files, or only reading
+them when already prepared), tokens_per_s (training tokens delivered to the host per
+second, one process reading every row), peak_rss_gb (the process's peak resident memory).
+"""
+import argparse
+import json
+import os
+import resource
+import time
+
+from etils import epath
+
+from lm import config as config_lib
+from lm.data import pipeline, sources
+
+
+def make_corpus(path: epath.Path, megabytes: int) -> None:
+  if path.exists() and path.stat().length >= megabytes << 20:
+    return
+  text = sources.SHAKESPEARE.read_bytes()
+  with open(path, 'wb') as f:
+    for _ in range((megabytes << 20) // len(text) + 1):
+      f.write(text)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--megabytes', type=int, default=300)
+  parser.add_argument('--tokenizer', default='byte', choices=config_lib.TOKENIZERS)
+  parser.add_argument('--packing', default='window', choices=config_lib.PACKINGS)
+  parser.add_argument('--seq_len', type=int, default=1024)
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--batches', type=int, default=3000)
+  parser.add_argument('--dir', default='/tmp/lm-data-bench')
+  args = parser.parse_args()
+  directory = epath.Path(args.dir)
+  directory.mkdir(parents=True, exist_ok=True)
+  corpus = directory / f'corpus-{args.megabytes}mb.txt'
+  make_corpus(corpus, args.megabytes)
+
+  c = config_lib.get_base_config()
+  c.data.update(source=f'text:{corpus}', dir=str(directory), tokenizer=args.tokenizer,
+                packing=args.packing, seq_len=args.seq_len)
+  c.train.update(batch_size=args.batch_size, eval_batch_size=args.batch_size, eval_batches=10)
+  start = time.perf_counter()
+  data = pipeline.make_data(c, None)
+  prepare_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(args.batches):
+    next(data.train)
+  seconds = time.perf_counter() - start
+  print(json.dumps({
+      'corpus_mb': round(corpus.stat().length / 2**20, 1), 'tokenizer': args.tokenizer,
+      'packing': args.packing, 'seq_len': args.seq_len, 'batch_size': args.batch_size,
+      'prepare_s': round(prepare_s, 2),
+      'tokens_per_s': round(args.batches * args.batch_size * args.seq_len / seconds),
+      'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
+      'cpus': os.cpu_count()}))
+
+
+if __name__ == '__main__':
+  main()
