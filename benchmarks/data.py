@@ -7,7 +7,10 @@ The corpus (Tiny Shakespeare repeated to the size asked) is written once under -
 so are the prepared files (TFDS array_record, token files); delete --dir to time a cold
 prepare. Keys: corpus_mb, prepare_s (splits, tokenizer and token files, or only reading
 them when already prepared), tokens_per_s (training tokens delivered to the host per
-second, one process reading every row), peak_rss_gb (the process's peak resident memory).
+second, one process reading every row), peak_rss_gb (the process's peak resident memory),
+and at the end rss_file_gb / rss_anon_gb: resident pages of mapped files (the token file's
+pages that windows touched: page cache the kernel may reclaim, shared by the processes of a
+machine) and the process's own memory.
 """
 import argparse
 import json
@@ -62,7 +65,17 @@ def main() -> None:
       'prepare_s': round(prepare_s, 2),
       'tokens_per_s': round(args.batches * args.batch_size * args.seq_len / seconds),
       'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
-      'cpus': os.cpu_count()}))
+      **_resident(), 'cpus': os.cpu_count()}))
+
+
+def _resident() -> dict[str, float]:
+  """Current resident memory by kind, from /proc/self/status (Linux)."""
+  out = {}
+  for line in epath.Path('/proc/self/status').read_text().splitlines():
+    key, _, value = line.partition(':')
+    if key in ('RssFile', 'RssAnon'):
+      out[f'rss_{key[3:].lower()}_gb'] = round(int(value.split()[0]) / 1e6, 3)
+  return out
 
 
 if __name__ == '__main__':

@@ -2,25 +2,24 @@
 
 Plain text is cut at byte fractions (moved to the next line start), so the three splits
 concatenate back to the file and share no text; each split is stored as records of whole
-lines. JSONL files are cut by document count, one document per non-empty line. Records are
-written in file order (shuffling disabled) as array_record, which `as_data_source()` reads
-without TensorFlow. Files are read line by line: memory does not grow with the corpus.
+lines. JSONL files are cut by document count, one document per non-empty line. The files
+are read line by line and written shard by shard, in file order, as array_record
+(`tfds.core.ShardBasedBuilder`: TFDS's generator builder would hold a whole split in memory
+to sort it), which `as_data_source()` reads without TensorFlow.
 """
-import contextlib
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 from etils import epath
-from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from lm.config import ConfigError
 
 SPLITS = ('train', 'validation', 'test')
 RECORD_BYTES = 1 << 16   # plain text is stored in records of whole lines, about this long
-WRITE_BUFFER_BYTES = 32 << 20
-KEY_SPACE = 1 << 128     # TFDS's key space: spreading keys over it spreads its temporary buckets
+SHARD_BYTES = 16 << 20   # memory while preparing grows with this, not with the file
 
 
 class LocalTextConfig(tfds.core.BuilderConfig):
@@ -36,7 +35,7 @@ class LocalTextConfig(tfds.core.BuilderConfig):
     self.path, self.fmt, self.text_key, self.fractions = path, fmt, text_key, tuple(fractions)
 
 
-class LocalText(tfds.core.GeneratorBasedBuilder):
+class LocalText(tfds.core.ShardBasedBuilder):
   """Documents of a local text / JSONL file, split into train / validation / test."""
   VERSION = tfds.core.Version('1.1.0')
 
@@ -45,79 +44,88 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
         builder=self, features=tfds.features.FeaturesDict({'text': tfds.features.Text()}),
         disable_shuffling=True, description=self.builder_config.description)
 
-  def _split_generators(self, dl_manager):
+  def _shard_iterators_per_split(self, dl_manager):
     cfg = self.builder_config
-    if cfg.fmt == 'jsonl':   # documents: non-empty lines
-      total = sum(1 for line in _lines(cfg.path, 0, None) if line.strip())
-      cuts, unit = _cuts(total, cfg.fractions), 'documents'
-    else:                    # bytes, each cut moved to the next line start
-      total = epath.Path(cfg.path).stat().length
-      cuts = [_next_line_start(cfg.path, cut) for cut in _cuts(total, cfg.fractions)]
-      unit = 'bytes'
-    for name, start, stop in zip(SPLITS, cuts[:-1], cuts[1:]):
-      if start == stop:
-        raise ConfigError(f'config.data.source: {cfg.path} ({total} {unit}) leaves the {name} '
-                          f'split empty with config.data.split_fractions={cfg.fractions}; use a '
-                          'longer file or other fractions')
-    return {name: self._generate_examples((cfg.fmt, start, stop))
-            for name, start, stop in zip(SPLITS, cuts[:-1], cuts[1:])}
+    plan = _jsonl_plan(cfg) if cfg.fmt == 'jsonl' else _text_plan(cfg)
+    generate = self._jsonl if cfg.fmt == 'jsonl' else self._text
+    return {name: [functools.partial(generate, *shard) for shard in shards]
+            for name, shards in zip(SPLITS, plan)}
 
-  def _generate_examples(self, piece: tuple[str, int, int]):
-    """(key, example) of a byte range of a text file or a document range of a JSONL file; keys
-    grow with the position, spread over TFDS's key space so that its temporary buckets (and
-    the memory it sorts them in) stay small."""
-    fmt, start, stop = piece
-    return self._generate_jsonl(start, stop) if fmt == 'jsonl' else self._generate_text(start, stop)
-
-  def _generate_text(self, start: int, end: int):
-    spread = KEY_SPACE // ((end - start) // RECORD_BYTES + 2)
+  def _text(self, start: int, stop: int, first_line: int):
+    """Records of whole lines of the bytes start .. stop."""
+    del first_line
     record, size, i = [], 0, 0
-    for line in _lines(self.builder_config.path, start, end):
+    for line in _lines(self.builder_config.path, start, stop):
       record.append(line)
       size += len(line)
       if size >= RECORD_BYTES:
-        yield i * spread, {'text': b''.join(record).decode('utf-8')}
+        yield i, {'text': b''.join(record).decode('utf-8')}
         record, size, i = [], 0, i + 1
     if record:
-      yield i * spread, {'text': b''.join(record).decode('utf-8')}
+      yield i, {'text': b''.join(record).decode('utf-8')}
 
-  def _generate_jsonl(self, first: int, stop: int):
+  def _jsonl(self, start: int, stop: int, first_line: int):
+    """One document per non-empty line of the bytes start .. stop."""
     cfg = self.builder_config
-    spread = KEY_SPACE // (stop - first + 1)
-    doc = 0
-    for line_number, line in enumerate(_lines(cfg.path, 0, None), 1):
-      if not line.strip():
-        continue
-      if first <= doc < stop:
-        yield (doc - first) * spread, {'text': _jsonl_text(line, cfg, line_number)}
-      doc += 1
-      if doc >= stop:
-        return
-
-  def prepare(self) -> None:
-    """download_and_prepare with TFDS's in-memory write buffer capped: it otherwise holds up to
-    1 GB of examples (a whole split of a small corpus) before spilling them to disk."""
-    with _write_buffer(WRITE_BUFFER_BYTES):
-      self.download_and_prepare()
+    i = 0
+    for number, line in enumerate(_lines(cfg.path, start, stop), first_line):
+      if line.strip():
+        yield i, {'text': _jsonl_text(line, cfg, number)}
+        i += 1
 
 
-@contextlib.contextmanager
-def _write_buffer(limit: int):
-  saved = tfds_shuffle.MAX_MEM_BUFFER_SIZE
-  tfds_shuffle.MAX_MEM_BUFFER_SIZE = limit
-  try:
-    yield
-  finally:
-    tfds_shuffle.MAX_MEM_BUFFER_SIZE = saved
+Shard = tuple[int, int, int]   # byte offsets start, stop (at line starts); number of its first line
 
 
-def _lines(path: str, start: int, end: int | None) -> Iterator[bytes]:
-  """The lines (bytes, with their newline) from byte `start` up to byte `end`."""
+def _text_plan(cfg: LocalTextConfig) -> list[list[Shard]]:
+  """Splits cut at byte fractions moved to line starts, in shards of about SHARD_BYTES."""
+  size = epath.Path(cfg.path).stat().length
+  cuts = [_next_line_start(cfg.path, cut) for cut in _cuts(size, cfg.fractions)]
+  _check_nonempty(cfg, cuts, f'{size} bytes')
+  plan = []
+  for start, stop in zip(cuts[:-1], cuts[1:]):
+    bounds = sorted({start, stop, *(_next_line_start(cfg.path, b)
+                                    for b in range(start + SHARD_BYTES, stop, SHARD_BYTES))})
+    plan.append([(a, b, 0) for a, b in zip(bounds[:-1], bounds[1:])])
+  return plan
+
+
+def _jsonl_plan(cfg: LocalTextConfig) -> list[list[Shard]]:
+  """Splits cut by document (non-empty line) count, in shards of about SHARD_BYTES: one pass
+  counts the documents, a second marks where splits and shards begin."""
+  with open(cfg.path, 'rb') as f:
+    total = sum(1 for line in f if line.strip())
+  cuts = _cuts(total, cfg.fractions)
+  _check_nonempty(cfg, cuts, f'{total} documents')
+  marks, doc, offset, number, shard_end = [], 0, 0, 0, 0   # marks: (offset, line, document)
+  with open(cfg.path, 'rb') as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        if doc in cuts or offset >= shard_end:
+          marks.append((offset, number, doc))
+          shard_end = offset + SHARD_BYTES
+        doc += 1
+      offset += len(line)
+  marks.append((offset, number + 1, doc))
+  return [[(a[0], b[0], a[1]) for a, b in zip(marks, marks[1:]) if lo <= a[2] < hi]
+          for lo, hi in zip(cuts[:-1], cuts[1:])]
+
+
+def _check_nonempty(cfg: LocalTextConfig, cuts: list[int], total: str) -> None:
+  for name, start, stop in zip(SPLITS, cuts[:-1], cuts[1:]):
+    if start == stop:
+      raise ConfigError(f'config.data.source: {cfg.path} ({total}) leaves the {name} split '
+                        f'empty with config.data.split_fractions={cfg.fractions}; use a longer '
+                        'file or other fractions')
+
+
+def _lines(path: str, start: int, stop: int) -> Iterator[bytes]:
+  """The lines (bytes, with their newline) from byte `start` up to byte `stop`."""
   with open(path, 'rb') as f:
     f.seek(start)
     position = start
     for line in f:
-      if end is not None and position >= end:
+      if position >= stop:
         return
       position += len(line)
       yield line

@@ -17,6 +17,7 @@ Batches are dicts of int32 arrays inputs_BxL and targets_BxL (inputs shifted by 
 float32 weights_BxL where rows may be padding.
 """
 import dataclasses
+import mmap
 import os
 from collections.abc import Callable
 from typing import Any
@@ -59,7 +60,9 @@ def token_file(docs: grain.MapDataset, tokenizer, add_eos: bool, path: epath.Pat
     tmp.rename(path)   # atomic: a reader never sees a partial file
   if path.stat().length == 0:
     return np.zeros([0], dtype)
-  return np.memmap(path, dtype, mode='r')
+  tokens = np.memmap(path, dtype, mode='r')
+  tokens._mmap.madvise(mmap.MADV_RANDOM)   # windows are drawn at random: no read-ahead
+  return tokens
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
@@ -151,9 +154,11 @@ def make_data(config, workdir: epath.Path | None, rows: Rows = all_rows,
                         f'(config.data.seq_len={d.seq_len} + 1)')
   train_rows = rows(t.batch_size)
   if d.packing == 'window':
+    # windows of a memory-mapped file are cheap to cut: read them in this thread, on demand,
+    # rather than with Grain's default 16 threads and 500 batches read ahead
     train = window_batches(streams['train'], seq_len=d.seq_len, stride=d.window_stride,
-                           batch_size=t.batch_size, seed=t.seed,
-                           rows=train_rows).to_iter_dataset()
+                           batch_size=t.batch_size, seed=t.seed, rows=train_rows
+                           ).to_iter_dataset(grain.ReadOptions(num_threads=0))
   else:   # processes with the same rows read the same documents
     local = train_rows.stop - train_rows.start
     train = packed_batches(corpus.splits['train'], tokenizer, seq_len=d.seq_len,

@@ -96,7 +96,7 @@ def documents(data_cfg) -> Corpus:
       builder = local_text.LocalText(config=builder_config, data_dir=str(directory),
                                      file_format='array_record')
       tfds.display_progress_bar(False)   # per-split bars of a local file: only noise
-      builder.prepare()
+      builder.download_and_prepare()
     sources = {split: builder.as_data_source(split) for split in local_text.SPLITS}
     key, corpus_name = 'text', builder_config.name
   elif kind == 'tfds':
