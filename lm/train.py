@@ -113,18 +113,12 @@ class Logger:
     self.bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[str, float]:
-  """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
-  start_time = time.perf_counter()
-  workdir = epath.Path(workdir)
-  if not workdir.is_absolute():   # Orbax needs absolute paths (gs:// ones are)
-    workdir = epath.Path(os.path.abspath(workdir))
-  is_main = jax.process_index() == 0
-  config_lib.validate(config_lib.resolve(config, None), jax.device_count())  # before any I/O
-  t = config.train
-  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', t.keep_checkpoints,
-                                 t.async_checkpoints)
+def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
+                    ckpt: checkpoint.Checkpointer):
+  """(config, data, program, state, run record): the state of the workdir's newest checkpoint,
+  or a new one (from config.train.init_from's parameters when set); says which on stdout."""
   config, schedule_note = keep_schedule(config, ckpt.latest_run())
+  t = config.train
   holds_run = bool(ckpt.manager.all_steps()) or bool(list(ckpt.directory.glob('*.corrupt*')))
   warm = checkpoint.warm_start_dirs(t.init_from) if t.init_from and not holds_run else None
   config, data, program = setup(config, workdir, tokenizer_from=warm[0] if warm else None)
@@ -140,7 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
       state = state.replace(params=checkpoint.load_params(
           warm[1], program.abstract_state.params, run, 'config.train.init_from'))
   start_step = int(state.step)
-  if is_main:
+  if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     counts = program.model_config.param_counts()
@@ -150,6 +144,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
              f'starting from the parameters of {warm[1]}' if warm else 'starting')
     print(f'{start}: {counts["total"]:,} parameters ({counts["non_embedding"]:,} '
           f'non-embedding), vocabulary {config.model.vocab_size}, mesh {dict(program.mesh.shape)}')
+  return config, data, program, state, run
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[str, float]:
+  """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
+  start_time = time.perf_counter()
+  workdir = epath.Path(workdir)
+  if not workdir.is_absolute():   # Orbax needs absolute paths (gs:// ones are)
+    workdir = epath.Path(os.path.abspath(workdir))
+  is_main = jax.process_index() == 0
+  config_lib.validate(config_lib.resolve(config, None), jax.device_count())  # before any I/O
+  t = config.train
+  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', t.keep_checkpoints,
+                                 t.async_checkpoints)
+  config, data, program, state, run = resume_or_start(config, workdir, ckpt)
+  t, start_step = config.train, int(state.step)
   writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main)
   bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
                   dynamic_ncols=True, mininterval=1.0)
