@@ -60,9 +60,10 @@ def token_file(docs: grain.MapDataset, tokenizer, add_eos: bool, path: epath.Pat
     tmp.rename(path)   # atomic: a reader never sees a partial file
   if path.stat().length == 0:
     return np.zeros([0], dtype)
-  tokens = np.memmap(path, dtype, mode='r')
-  tokens._mmap.madvise(mmap.MADV_RANDOM)   # windows are drawn at random: no read-ahead
-  return tokens
+  with open(path, 'rb') as f:
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  mapped.madvise(mmap.MADV_RANDOM)   # windows are drawn at random: no read-ahead
+  return np.frombuffer(mapped, dtype)
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
