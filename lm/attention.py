@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 
-def reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool):
+def reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, mask_BxLxM=None):
   """Softmax(q k^T / sqrt(Dh)) v written out with einsums: the test oracle, and on CPU the
   fastest choice for short contexts (fewer, larger ops than jax.nn.dot_product_attention's
   grouped 5-D layout, whose softmax backward is slow there)."""
@@ -18,16 +18,24 @@ def reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool):
     v_BxMxKxDh = jnp.repeat(v_BxMxKxDh, H // K, axis=2)
   scores_BxHxLxM = jnp.einsum('blhd,bmhd->bhlm', q_BxLxHxDh, k_BxMxKxDh,
                               preferred_element_type=jnp.float32) * Dh ** -0.5
-  if causal:   # query i (of the last L positions) sees keys 0 .. M - L + i
+  if mask_BxLxM is not None:
+    scores_BxHxLxM = jnp.where(mask_BxLxM[:, None], scores_BxHxLxM, jnp.finfo(jnp.float32).min)
+  elif causal:   # query i (of the last L positions) sees keys 0 .. M - L + i
     visible_LxM = jnp.tril(jnp.ones((L, M), bool), k=M - L)
     scores_BxHxLxM = jnp.where(visible_LxM, scores_BxHxLxM, jnp.finfo(jnp.float32).min)
   probs_BxHxLxM = jax.nn.softmax(scores_BxHxLxM, axis=-1).astype(v_BxMxKxDh.dtype)
   return jnp.einsum('bhlm,bmhd->blhd', probs_BxHxLxM, v_BxMxKxDh)
 
 
-def attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, *, causal: bool, implementation: str):
-  """Multi-head / grouped-query attention by the named implementation."""
+def attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, *, causal: bool, implementation: str,
+              mask=None):
+  """Multi-head / grouped-query attention by the named implementation. `mask` (B x L x M,
+  True where a query may see a key) replaces the causal rule when given (packed segments,
+  cached decoding); cuDNN then falls back to the XLA kernel."""
   if implementation == 'reference':
-    return reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal)
+    return reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal, mask)
+  if mask is not None:
+    return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh,
+                                        mask=mask[:, None], implementation='xla')
   return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, is_causal=causal,
                                       implementation=implementation)

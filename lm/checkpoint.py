@@ -31,6 +31,10 @@ SIGNATURE_FIELDS = (
     'data.source', 'data.text_key', 'data.split_fractions', 'data.tfds_splits', 'data.tokenizer',
     'data.seq_len', 'data.packing', 'data.window_stride', 'data.add_eos',
     'train.batch_size', 'train.seed')
+# Post-training fields, recorded when they differ from these defaults (so that checkpoints
+# written before they existed still resume).
+POST_TRAINING_FIELDS = {'train.objective': 'lm', 'data.format': 'text', 'lora.rank': 0,
+                        'lora.targets': None, 'data.overlong': 'truncate'}
 
 
 class ResumeError(ConfigError):
@@ -40,6 +44,9 @@ class ResumeError(ConfigError):
 def signature(config, tokenizer_fingerprint: str, stages: int) -> dict:
   """What a checkpoint of this run depends on, as {field: value}."""
   sig = {field: _get(config, field) for field in SIGNATURE_FIELDS}
+  sig.update({field: _get(config, field) for field, default in POST_TRAINING_FIELDS.items()
+              if _get(config, field) != default and not (field == 'lora.targets'
+                                                          and not config.lora.rank)})
   repeats = config.model.pipeline_repeats
   # a circular pipeline stores its layers in stage-major order (lm.pipeline.logical_order)
   sig['layer order'] = f'{stages} stages x {repeats} repeats' if repeats > 1 else 'logical'
@@ -61,7 +68,7 @@ def differences(saved: dict, current: dict) -> list[str]:
   for field in sorted(set(saved) | set(current)):
     old, new = saved.get(field, '(absent)'), current.get(field, '(absent)')
     if old != new:
-      name = f'config.{field}' if field in SIGNATURE_FIELDS else field
+      name = f'config.{field}' if '.' in field else field
       out.append(f'{name} was {old!r}, now {new!r}')
   return out
 
@@ -186,22 +193,25 @@ class Checkpointer:
     self.manager.close()
 
 
-def warm_start_dirs(init_from: str) -> tuple[epath.Path, epath.Path]:
-  """(run directory, checkpoint step directory) of config.train.init_from: a run directory
-  (its newest checkpoint) or one of its checkpoints/STEP directories."""
+def warm_start_dirs(init_from: str, field: str = 'config.train.init_from'
+                    ) -> tuple[epath.Path, epath.Path]:
+  """(run directory, checkpoint step directory) of a run directory (its newest checkpoint)
+  or one of its checkpoints/STEP directories."""
   path = epath.Path(init_from)
   if (path / 'state').exists():
     return path.parent.parent, path
   steps = [int(p.name) for p in (path / 'checkpoints').glob('*') if p.name.isdigit()]
   if not steps:
-    raise ConfigError(f'config.train.init_from={init_from!r} holds no checkpoint (give a run '
+    raise ConfigError(f'{field}={init_from!r} holds no checkpoint (give a run '
                       'directory or RUN_DIR/checkpoints/STEP)')
   return path, path / 'checkpoints' / str(max(steps))
 
 
-def load_params(step_dir: epath.Path, abstract_params, run: dict, field: str):
+def load_params(step_dir: epath.Path, abstract_params, run: dict, field: str, fresh=None):
   """The parameters of another run's checkpoint, onto this run's shardings; ResumeError
-  naming every parameter whose shape or dtype differs from this model's."""
+  naming every parameter whose shape or dtype differs from this model's. Entries of `fresh`
+  (new heads, e.g. a reward model's started from a language model) that the checkpoint
+  lacks are taken from it."""
   saved_run = step_dir / 'run'
   if saved_run.exists():
     saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(saved_run)
@@ -211,14 +221,16 @@ def load_params(step_dir: epath.Path, abstract_params, run: dict, field: str):
                         f'{run["signature"]["layer order"]} order (pipeline stages x repeats)')
   checkpointer = ocp.PyTreeCheckpointer()
   metadata = checkpointer.metadata(step_dir / 'state').item_metadata
+  new = {k for k in (fresh or {}) if k not in metadata['params']}
+  wanted = {k: v for k, v in abstract_params.items() if k not in new}
   problems = shape_differences(shapes({'params': metadata['params']}),
-                               shapes({'params': abstract_params}), 'params/')
+                               shapes({'params': wanted}), 'params/')
   if problems:
     shown = problems[:6] + ([f'and {len(problems) - 6} more'] if len(problems) > 6 else [])
     raise ResumeError(f'{field}: the parameters of {step_dir} do not fit this model: '
                       + '; '.join(shown))
-  target = {'params': abstract_params}
+  target = {'params': wanted}
   restored = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True))
-  return restored['params']
+  return {**restored['params'], **{k: fresh[k] for k in new}}

@@ -18,6 +18,11 @@ REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'everything')
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'reference')
 TOKENIZERS = ('char', 'byte', 'spm_bpe', 'spm_unigram')
 PACKINGS = ('window', 'pack')
+OBJECTIVES = ('lm', 'sft', 'reward', 'dpo', 'grpo', 'ppo')
+DATA_FORMATS = ('text', 'sft', 'preference', 'prompt')
+# the data format each objective reads
+OBJECTIVE_FORMATS = {'lm': 'text', 'sft': 'sft', 'reward': 'preference', 'dpo': 'preference',
+                     'grpo': 'prompt', 'ppo': 'prompt'}
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'lm', 'data')
 
 
@@ -71,6 +76,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       packing='window',       # 'window': random windows of a token stream; 'pack': streamed docs
       window_stride=1,        # distance between the starts of candidate training windows
       add_eos=False,          # append an end-of-document token after every document
+      # what a jsonl:PATH line holds: 'text' (config.data.text_key), 'sft' ({"prompt",
+      # "response"} or {"messages": [{"role", "content"}, ...]}), 'preference' ({"prompt",
+      # "chosen", "rejected"}) or 'prompt' ({"prompt", ...} for RL); see lm/post/data.py
+      format='text',
+      overlong='truncate',    # an example longer than seq_len + 1 tokens: 'truncate' | 'error'
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -105,6 +115,38 @@ def get_base_config() -> ml_collections.ConfigDict:
       # RUN_DIR or RUN_DIR/checkpoints/STEP: start from that run's parameters (and tokenizer),
       # not its optimizer state, step or data position; ignored once this run has checkpoints
       init_from='',
+      objective='lm',         # one of OBJECTIVES: what the loop minimises (lm/objectives.py)
+  ))
+
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,                 # > 0: train low-rank adapters only; the base stays frozen
+      alpha=16.0,             # the update is scaled by alpha / rank
+      targets='attn/(q|kv|o)|mlp/(wi|wo)',   # regex searched in module paths, e.g. layers/attn/q
+  ))
+
+  c.dpo = ml_collections.ConfigDict(dict(
+      beta=0.1,               # strength of the implicit KL to the reference
+      label_smoothing=0.0,    # assumed probability that a preference label is flipped
+      sft_weight=0.0,         # > 0: plus this times the chosen answer's token NLL (RPO)
+  ))
+
+  c.rl = ml_collections.ConfigDict(dict(
+      # 'model:RUN_DIR' (a reward-model run) or 'python:module:function', called as
+      # function(prompt: str, completion: str, example: dict) -> float
+      reward='',
+      group_size=4,           # completions sampled per prompt (train.batch_size counts them)
+      max_new_tokens=32,
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      stop='',                # completions are cut before this string (and at EOS)
+      kl_coef=0.04,           # weight of the k3 estimate of KL(policy || reference)
+      clip_eps=0.2,           # ratio clipping of the policy loss
+      updates_per_rollout=1,  # optimizer steps on each batch of rollouts (PPO epochs)
+      gamma=1.0,              # PPO: discount
+      gae_lambda=0.95,        # PPO: generalised advantage estimation
+      value_coef=0.5,         # PPO: weight of the value loss
+      value_clip=0.2,         # PPO: clipping of the value update
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -219,6 +261,10 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
   _one_of('model.mlp', m.mlp, ('gelu', 'swiglu'))
   _one_of('data.tokenizer', d.tokenizer, TOKENIZERS)
   _one_of('data.packing', d.packing, PACKINGS)
+  _one_of('data.format', d.format, DATA_FORMATS)
+  _one_of('data.overlong', d.overlong, ('truncate', 'error'))
+  _one_of('train.objective', t.objective, OBJECTIVES)
+  _validate_post_training(c)
   for name in ('n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'd_ff', 'vocab_multiple'):
     if m[name] <= 0:
       raise ConfigError(f'config.model.{name}={m[name]} must be positive')
@@ -272,3 +318,45 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
   if not sum(d.split_fractions) <= 1.0 + 1e-9 or min(d.split_fractions) <= 0:
     raise ConfigError(f'config.data.split_fractions={tuple(d.split_fractions)} must be three '
                       'positive fractions summing to at most 1')
+
+
+def _validate_post_training(c: ml_collections.ConfigDict) -> None:
+  t, d, lora, rl = c.train, c.data, c.lora, c.rl
+  wanted = OBJECTIVE_FORMATS[t.objective]
+  if d.format != wanted:
+    raise ConfigError(f'config.train.objective={t.objective!r} reads config.data.format='
+                      f'{wanted!r}, got {d.format!r}')
+  if d.format != 'text' and not d.source.startswith('jsonl:'):
+    raise ConfigError(f'config.data.format={d.format!r} needs config.data.source=jsonl:PATH, '
+                      f'got {d.source!r}')
+  if t.objective in ('dpo', 'grpo', 'ppo') and not t.init_from:
+    raise ConfigError(f'config.train.objective={t.objective!r} needs config.train.init_from '
+                      '(the run whose model is the policy\'s start and the frozen reference)')
+  if lora.rank < 0 or (lora.rank and lora.alpha <= 0):
+    raise ConfigError(f'config.lora.rank={lora.rank} must be >= 0 and config.lora.alpha='
+                      f'{lora.alpha} > 0')
+  if lora.rank and t.objective in ('reward', 'ppo'):
+    raise ConfigError(f'config.lora.rank={lora.rank} with config.train.objective='
+                      f'{t.objective!r}: its scalar head would stay frozen; use full training')
+  if t.objective in ('grpo', 'ppo'):
+    kind = rl.reward.partition(':')[0]
+    if kind not in ('model', 'python') or not rl.reward.partition(':')[2]:
+      raise ConfigError(f"config.rl.reward={rl.reward!r} must be 'model:RUN_DIR' or "
+                        "'python:module:function'")
+    if rl.group_size < 1 or t.batch_size % rl.group_size:
+      raise ConfigError(f'config.train.batch_size={t.batch_size} is not a multiple of '
+                        f'config.rl.group_size={rl.group_size} (completions per prompt)')
+    if t.objective == 'grpo' and rl.group_size < 2:
+      raise ConfigError('config.rl.group_size must be at least 2 for GRPO (advantages are '
+                        'relative to the group)')
+    k = rl.updates_per_rollout
+    for name in ('steps', 'checkpoint_every'):
+      if k < 1 or t[name] % k:
+        raise ConfigError(f'config.train.{name}={t[name]} is not a multiple of '
+                          f'config.rl.updates_per_rollout={k} (checkpoints fall between rollouts)')
+    if rl.max_new_tokens < 1 or rl.max_new_tokens >= c.model.max_len:
+      raise ConfigError(f'config.rl.max_new_tokens={rl.max_new_tokens} must be in 1 .. '
+                        f'config.model.max_len - 1 = {c.model.max_len - 1}')
+  if d.format in ('preference', 'prompt') and d.packing == 'pack':
+    raise ConfigError(f"config.data.packing='pack' packs text or sft examples, not "
+                      f'{d.format!r} ones (one example per row)')

@@ -6,6 +6,7 @@ dimension, F MLP width, V vocabulary. Every parameter carries logical axis names
 """
 import dataclasses
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -51,6 +52,10 @@ class ModelConfig:
   pipeline_stages: int = 1         # the mesh's 'stage' size (set by lm.steps.build)
   pipeline_microbatches: int = 1   # 0: apply the stack unpipelined (e.g. to sample)
   pipeline_repeats: int = 1        # > 1: circular schedule (see lm/pipeline.py)
+  scalar_head: bool = False        # a scalar per position (reward / value), beside the logits
+  lora_rank: int = 0               # > 0: low-rank adapters on the Linear kernels selected by
+  lora_alpha: float = 0.0          # lora_targets (a regex searched in the module path), in a
+  lora_targets: str = ''           # separate 'lora' collection; scaled by alpha / rank
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> 'ModelConfig':
@@ -89,7 +94,13 @@ class ModelConfig:
 
 
 class Linear(nn.Module):
-  """x[..., *in] @ kernel[*in, *out] (+ bias), as one 2-D matmul, with logical axes."""
+  """x[..., *in] @ kernel[*in, *out] (+ bias), as one 2-D matmul, with logical axes.
+
+  With `lora_rank` > 0 and a path that `lora_targets` matches, it adds the low-rank update
+  x @ a @ b * alpha / rank (Hu et al. 2021), a random and b zero at init, held in the 'lora'
+  collection so that the base parameters stay a separate, frozen tree. Once initialised an
+  adapter is used wherever its variables are given, whatever the module path (the pipeline
+  applies the layer stack as a root module)."""
   out_shape: tuple[int, ...]
   axes: tuple[str | None, ...]   # logical names of the kernel's in and out dimensions
   n_in: int = 1                  # how many trailing dimensions of x are contracted
@@ -97,6 +108,9 @@ class Linear(nn.Module):
   std: float = 0.02
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_targets: str = ''
 
   @nn.compact
   def __call__(self, x):
@@ -105,14 +119,30 @@ class Linear(nn.Module):
         nn.initializers.normal(self.std), self.axes), (*in_shape, *self.out_shape),
         self.param_dtype)
     flat_in = math.prod(in_shape)
-    y = jnp.dot(x.reshape(-1, flat_in).astype(self.dtype),
-                kernel.reshape(flat_in, -1).astype(self.dtype))
+    x_NxI = x.reshape(-1, flat_in).astype(self.dtype)
+    y = jnp.dot(x_NxI, kernel.reshape(flat_in, -1).astype(self.dtype))
+    if self._has_adapter():
+      r = self.lora_rank
+      a = self.variable('lora', 'a', nn.with_logical_partitioning(
+          nn.initializers.normal(flat_in ** -0.5), (*self.axes[:self.n_in], None)),
+          self.make_rng('params') if self.is_initializing() else None, (*in_shape, r),
+          self.param_dtype).value
+      b = self.variable('lora', 'b', nn.with_logical_partitioning(
+          nn.initializers.zeros, (None, *self.axes[self.n_in:])), None, (r, *self.out_shape),
+          self.param_dtype).value
+      low_NxR = jnp.dot(x_NxI, a.reshape(flat_in, r).astype(self.dtype))
+      y = y + jnp.dot(low_NxR, b.reshape(r, -1).astype(self.dtype)) * (self.lora_alpha / r)
     y = y.reshape(*x.shape[:-self.n_in], *self.out_shape)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           nn.initializers.zeros, self.axes[self.n_in:]), self.out_shape, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+  def _has_adapter(self) -> bool:
+    if not self.is_initializing():
+      return self.has_variable('lora', 'a')
+    return self.lora_rank > 0 and re.search(self.lora_targets, '/'.join(self.path)) is not None
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -126,42 +156,85 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
                       name=name)
 
 
-def rotary(x_BxLxNxDh, theta: float):
+def rotary(x_BxLxNxDh, positions_BxL, theta: float):
   """Rotary position embedding (Su et al. 2021), rotating the two halves of each head."""
-  L, Dh = x_BxLxNxDh.shape[1], x_BxLxNxDh.shape[-1]
+  Dh = x_BxLxNxDh.shape[-1]
   freqs = theta ** (-jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh)
-  angles_LxDh2 = jnp.arange(L, dtype=jnp.float32)[:, None] * freqs[None, :]
-  sin, cos = jnp.sin(angles_LxDh2)[:, None, :], jnp.cos(angles_LxDh2)[:, None, :]
+  angles_BxLxDh2 = positions_BxL.astype(jnp.float32)[..., None] * freqs
+  sin, cos = jnp.sin(angles_BxLxDh2)[:, :, None, :], jnp.cos(angles_BxLxDh2)[:, :, None, :]
   x1, x2 = jnp.split(x_BxLxNxDh.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BxLxNxDh.dtype)
 
 
+def segment_mask(segments_BxL, causal: bool):
+  """Which keys each query sees (B x L x L): its own segment, and with `causal` only up to
+  itself. Packed examples then never attend to each other."""
+  mask_BxLxL = segments_BxL[:, :, None] == segments_BxL[:, None, :]
+  if causal:
+    L = segments_BxL.shape[1]
+    mask_BxLxL &= jnp.tril(jnp.ones((L, L), bool))
+  return mask_BxLxL
+
+
+def _dense(cfg: ModelConfig) -> dict:
+  return dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets)
+
+
 class Attention(nn.Module):
+  """Self-attention; with `decode`, keys and values are appended to a cache (the 'cache'
+  collection: B x max_len slots per layer, their segment ids, and the next slot's index) and
+  every query attends to the cached slots up to its own."""
   cfg: ModelConfig
   deterministic: bool
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, positions_BxL, segments_BxL):
     cfg = self.cfg
     H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    dense = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     q_BxLxHxDh = Linear((H, Dh), ('embed', 'heads', 'head_dim'), std=cfg.init_std,
-                        name='q', **dense)(x_BxLxD)
+                        name='q', **_dense(cfg))(x_BxLxD)
     kv_BxLx2xKxDh = Linear((2, K, Dh), ('embed', None, 'kv_heads', 'head_dim'),
-                           std=cfg.init_std, name='kv', **dense)(x_BxLxD)
+                           std=cfg.init_std, name='kv', **_dense(cfg))(x_BxLxD)
     k_BxLxKxDh, v_BxLxKxDh = kv_BxLx2xKxDh[:, :, 0], kv_BxLx2xKxDh[:, :, 1]
     if cfg.positions == 'rope':
-      q_BxLxHxDh = rotary(q_BxLxHxDh, cfg.rope_theta)
-      k_BxLxKxDh = rotary(k_BxLxKxDh, cfg.rope_theta)
+      q_BxLxHxDh = rotary(q_BxLxHxDh, positions_BxL, cfg.rope_theta)
+      k_BxLxKxDh = rotary(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
     q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ('batch', 'length', 'act_heads', None))
+    mask = None
+    if self.decode:
+      k_BxLxKxDh, v_BxLxKxDh, mask = self._cached(k_BxLxKxDh, v_BxLxKxDh, segments_BxL)
+    elif segments_BxL is not None:
+      mask = segment_mask(segments_BxL, cfg.causal)
     out_BxLxHxDh = attention_lib.attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
-                                           causal=cfg.causal, implementation=cfg.attention)
+                                           causal=cfg.causal, mask=mask,
+                                           implementation=cfg.attention)
     # GPT-2's scaled init of residual projections: std / sqrt(2 * n_layers).
     out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
     y_BxLxD = Linear((cfg.d_model,), ('heads', 'head_dim', 'embed'), n_in=2, std=out_std,
-                     name='o', **dense)(out_BxLxHxDh)
+                     name='o', **_dense(cfg))(out_BxLxHxDh)
     return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BxLxD)
+
+  def _cached(self, k_BxLxKxDh, v_BxLxKxDh, segments_BxL):
+    """Keys and values of every cache slot (B x M) after writing these L, and the mask
+    (B x L x M) of slots each query sees: written ones up to its own, of its segment."""
+    B, L, K, Dh = k_BxLxKxDh.shape
+    M = self.cfg.max_len
+    cached_k = self.variable('cache', 'k', jnp.zeros, (B, M, K, Dh), k_BxLxKxDh.dtype)
+    cached_v = self.variable('cache', 'v', jnp.zeros, (B, M, K, Dh), v_BxLxKxDh.dtype)
+    cached_segments = self.variable('cache', 'segments', jnp.zeros, (B, M), jnp.int32)
+    index = self.variable('cache', 'index', lambda: jnp.zeros([], jnp.int32))
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxLxKxDh, (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxLxKxDh, (0, i, 0, 0))
+    cached_segments.value = jax.lax.dynamic_update_slice(
+        cached_segments.value, segments_BxL.astype(jnp.int32), (0, i))
+    index.value = i + L
+    visible_LxM = jnp.arange(M)[None, :] <= i + jnp.arange(L)[:, None]
+    mask_BxLxM = visible_LxM & (cached_segments.value[:, None, :] == segments_BxL[:, :, None])
+    return cached_k.value, cached_v.value, mask_BxLxM
 
 
 class Mlp(nn.Module):
@@ -171,17 +244,17 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
-    dense = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     if cfg.mlp == 'swiglu':
       gate_up = Linear((2, cfg.d_ff), ('embed', None, 'mlp'), std=cfg.init_std, name='wi',
-                       **dense)(x_BxLxD)
+                       **_dense(cfg))(x_BxLxD)
       h_BxLxF = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
     else:
       h_BxLxF = nn.gelu(Linear((cfg.d_ff,), ('embed', 'mlp'), std=cfg.init_std, name='wi',
-                               **dense)(x_BxLxD))
+                               **_dense(cfg))(x_BxLxD))
     h_BxLxF = nn.with_logical_constraint(h_BxLxF, ('batch', 'length', 'act_mlp'))
     out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-    y_BxLxD = Linear((cfg.d_model,), ('mlp', 'embed'), std=out_std, name='wo', **dense)(h_BxLxF)
+    y_BxLxD = Linear((cfg.d_model,), ('mlp', 'embed'), std=out_std, name='wo',
+                     **_dense(cfg))(h_BxLxF)
     return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BxLxD)
 
 
@@ -189,32 +262,42 @@ class Block(nn.Module):
   """Pre-norm residual block; returns (x, None) so that nn.scan can stack it."""
   cfg: ModelConfig
   deterministic: bool
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, _=None):
-    x_BxLxD = x_BxLxD + Attention(self.cfg, self.deterministic, name='attn')(
-        make_norm(self.cfg, 'norm_attn')(x_BxLxD))
+  def __call__(self, x_BxLxD, positions_BxL, segments_BxL):
+    x_BxLxD = x_BxLxD + Attention(self.cfg, self.deterministic, self.decode, name='attn')(
+        make_norm(self.cfg, 'norm_attn')(x_BxLxD), positions_BxL, segments_BxL)
     x_BxLxD = x_BxLxD + Mlp(self.cfg, self.deterministic, name='mlp')(
         make_norm(self.cfg, 'norm_mlp')(x_BxLxD))
     return nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'act_embed')), None
 
 
 class Transformer(nn.Module):
-  """tokens_BxL -> float32 logits_BxLxV."""
+  """tokens_BxL -> float32 logits_BxLxV (and with `scores`, float32 scores_BxL from the
+  scalar head: `cfg.scalar_head`).
+
+  `positions` (default 0 .. L-1) place each token; `segments` (ids > 0; default all one
+  segment) keep packed examples, or padding, from attending to each other. With `decode`,
+  attention appends to the 'cache' collection (see Attention), for sampling."""
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BxL, train: bool = False):
+  def __call__(self, tokens_BxL, train: bool = False, *, positions=None, segments=None,
+               scores: bool = False):
     cfg = self.cfg
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(cfg.init_std), ('vocab', 'embed')), name='embed')
     x_BxLxD = embed(tokens_BxL)
     if cfg.positions == 'learned':
-      pos_LxD = self.param('pos_embed', nn.with_logical_partitioning(
+      pos_MxD = self.param('pos_embed', nn.with_logical_partitioning(
           nn.initializers.normal(cfg.init_std), (None, 'embed')), (cfg.max_len, cfg.d_model),
           cfg.param_dtype)
-      x_BxLxD = x_BxLxD + pos_LxD[:tokens_BxL.shape[1]].astype(cfg.dtype)
+      x_BxLxD = x_BxLxD + jnp.take(pos_MxD, positions, axis=0).astype(cfg.dtype)
     x_BxLxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxLxD)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'act_embed'))
 
@@ -222,22 +305,24 @@ class Transformer(nn.Module):
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      layers = _stack(block, cfg.n_layers)(cfg, not train, name='layers')
+      layers = _stack(block, cfg.n_layers)(cfg, not train, self.decode, name='layers')
       circular = cfg.pipeline_stages > 1 and cfg.pipeline_repeats > 1
       if self.is_initializing() or cfg.pipeline_stages == 1 or (
           cfg.pipeline_microbatches == 0 and not circular):
-        x_BxLxD, _ = layers(x_BxLxD, None)
+        x_BxLxD, _ = layers(x_BxLxD, positions, segments)
       elif cfg.pipeline_microbatches > 0:
-        x_BxLxD = self._pipelined(block, layers.variables['params'], x_BxLxD, train)
+        x_BxLxD = self._pipelined(block, _layer_variables(layers), x_BxLxD, positions,
+                                  segments, train)
       else:   # a circular pipeline's layers used unpipelined: stored out of logical order
         order = jnp.array(pipeline.logical_order(cfg.n_layers, cfg.pipeline_stages,
                                                  cfg.pipeline_repeats))
-        in_order = jax.tree.map(lambda p: p[order], layers.variables['params'])
+        in_order = jax.tree.map(lambda p: p[order], _layer_variables(layers))
         x_BxLxD = self._apply_stack(block, cfg.n_layers, in_order, x_BxLxD,
-                                    self._dropout_rng(train), train)
+                                    (positions, segments), self._dropout_rng(train), train)
     else:
       for i in range(cfg.n_layers):
-        x_BxLxD, _ = block(cfg, not train, name=f'layers_{i}')(x_BxLxD)
+        x_BxLxD, _ = block(cfg, not train, self.decode, name=f'layers_{i}')(
+            x_BxLxD, positions, segments)
 
     x_BxLxD = make_norm(cfg, 'norm_out')(x_BxLxD)
     if cfg.tie_embeddings:
@@ -248,29 +333,45 @@ class Transformer(nn.Module):
           (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
     logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD.astype(cfg.dtype),
                               table_VxD.astype(cfg.dtype), preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits_BxLxV, ('batch', 'length', 'act_vocab'))
+    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ('batch', 'length', 'act_vocab'))
+    if not cfg.scalar_head:
+      return logits_BxLxV
+    # reward / value head: one number per position from the final hidden state
+    score_D = self.param('score_head', nn.with_logical_partitioning(
+        nn.initializers.zeros, ('embed',)), (cfg.d_model,), cfg.param_dtype)
+    scores_BxL = jnp.einsum('bld,d->bl', x_BxLxD.astype(jnp.float32),
+                            score_D.astype(jnp.float32))
+    return (logits_BxLxV, scores_BxL) if scores else logits_BxLxV
 
-  def _pipelined(self, block, layer_params, x_BxLxD, train: bool):
+  def _pipelined(self, block, layer_variables, x_BxLxD, positions, segments, train: bool):
     """The layer stack as GPipe stages over the 'stage' mesh axis (lm/pipeline.py)."""
     cfg = self.cfg
     chunk = cfg.n_layers // (cfg.pipeline_stages * cfg.pipeline_repeats)
-    stage_fn = lambda params, x, rng: self._apply_stack(block, chunk, params, x, rng, train)
-    return pipeline.run(stage_fn, layer_params, x_BxLxD, stages=cfg.pipeline_stages,
-                        microbatches=cfg.pipeline_microbatches,
+    stage_fn = lambda variables, x, rows, rng: self._apply_stack(block, chunk, variables, x,
+                                                                 rows, rng, train)
+    return pipeline.run(stage_fn, layer_variables, x_BxLxD, (positions, segments),
+                        stages=cfg.pipeline_stages, microbatches=cfg.pipeline_microbatches,
                         repeats=cfg.pipeline_repeats, rng=self._dropout_rng(train))
 
-  def _apply_stack(self, block, n_layers: int, params, x_BxLxD, rng, train: bool):
-    """n_layers scanned blocks applied functionally to the given (stacked) parameters."""
+  def _apply_stack(self, block, n_layers: int, variables, x_BxLxD, rows, rng, train: bool):
+    """n_layers scanned blocks applied functionally to the given (stacked) variables;
+    `rows` = (positions, segments) of the rows of x."""
     stack = _stack(block, n_layers)(self.cfg, not train, parent=None)
     rngs = {} if rng is None else {'dropout': rng}
-    return stack.apply({'params': params}, x_BxLxD, None, rngs=rngs)[0]
+    return stack.apply(variables, x_BxLxD, *rows, rngs=rngs)[0]
 
   def _dropout_rng(self, train: bool):
     return self.make_rng('dropout') if train and self.cfg.dropout > 0 else None
 
 
+def _layer_variables(layers: nn.Module) -> dict:
+  """The stacked layers' parameters and adapters (what the pipeline cuts into stages)."""
+  return {k: v for k, v in layers.variables.items() if k in ('params', 'lora')}
+
+
 def _stack(block, n_layers: int):
   """`block` repeated n_layers times with nn.scan: one compiled body, parameters stacked on a
   leading 'layers' axis."""
-  return nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+  return nn.scan(block, variable_axes={'params': 0, 'lora': 0, 'cache': 0},
+                 split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, nn.broadcast),
                  length=n_layers, metadata_params={nn.PARTITION_NAME: 'layers'})

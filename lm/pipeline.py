@@ -36,9 +36,10 @@ def logical_order(n_layers: int, stages: int, repeats: int):
           for c in range(stages * repeats) for i in range(k)]
 
 
-def run(stage_fn: Callable, params, x_BxLxD, *, stages: int, microbatches: int,
+def run(stage_fn: Callable, params, x_BxLxD, rows=(), *, stages: int, microbatches: int,
         repeats: int = 1, rng=None):
-  """Applies `stage_fn(chunk_params, x, rng)` for every chunk of layers, pipelined.
+  """Applies `stage_fn(chunk_params, x, rows, rng)` for every chunk of layers, pipelined;
+  `rows` is a pytree of per-row arrays (positions, segment ids) that travel with x.
 
   `params` hold every layer along their leading axis (stage s's contiguous block holds its
   R chunks; see `logical_order`). A microbatch passes the S stages R times: it re-enters
@@ -48,11 +49,12 @@ def run(stage_fn: Callable, params, x_BxLxD, *, stages: int, microbatches: int,
   params_SxR = jax.tree.map(lambda p: p.reshape(S, R, p.shape[0] // (S * R), *p.shape[1:]),
                             params)
   x_Mxb = x_BxLxD.reshape(M, B // M, *x_BxLxD.shape[1:])
+  rows_Mxb = jax.tree.map(lambda a: a.reshape(M, B // M, *a.shape[1:]), rows)
   slots_Sxb = jnp.zeros((S, *x_Mxb.shape[1:]), x_BxLxD.dtype)
   stage_ids = jnp.arange(S)
 
-  def apply_chunk(chunks, x, r, rng):
-    return stage_fn(jax.tree.map(lambda p: p[r], chunks), x, rng)
+  def apply_chunk(chunks, x, r, rows, rng):
+    return stage_fn(jax.tree.map(lambda p: p[r], chunks), x, rows, rng)
 
   def tick(carry, t):
     slots_Sxb, loop_back_Mxb, outputs_Mxb = carry
@@ -63,8 +65,9 @@ def run(stage_fn: Callable, params, x_BxLxD, *, stages: int, microbatches: int,
     repeat_S = jnp.clip((t - stage_ids) // M, 0, R - 1)   # stage s works on item t - s
     rngs = None if rng is None else jax.vmap(lambda s: jax.random.fold_in(
         jax.random.fold_in(rng, t), s))(stage_ids)
+    rows_Sxb = jax.tree.map(lambda a: a[(t - stage_ids) % M], rows_Mxb)
     out_Sxb = jax.vmap(apply_chunk, spmd_axis_name='stage')(params_SxR, slots_Sxb, repeat_S,
-                                                           rngs)
+                                                           rows_Sxb, rngs)
     leaving = t - (S - 1)                                   # the item leaving the last stage
     m, last = leaving % M, leaving // M == R - 1
     outputs_Mxb = outputs_Mxb.at[m].set(

@@ -3,6 +3,7 @@
 Data, FSDP and tensor parallelism are only mesh shapes plus the rules table in
 `config.mesh.rules`; model code only names axes.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -44,6 +45,16 @@ def process_rows(mesh: Mesh, batch_size: int) -> slice:
         f'process {jax.process_index()} holds rows {rows} of the batch of {batch_size}, not a '
         'contiguous block; order config.mesh.shape so that data and fsdp split across hosts')
   return slice(rows[0], rows[-1] + 1)
+
+
+def with_mesh(fn, mesh: Mesh, axis_rules):
+  """fn called (and so traced) with the mesh and logical-axis rules active, which
+  nn.with_logical_constraint needs; `jax.set_mesh` may not be entered inside a jit."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

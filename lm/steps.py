@@ -16,8 +16,9 @@ import ml_collections
 import optax
 from flax import struct
 
-from lm import losses, optim, sharding
 from lm import model as model_lib
+from lm import objectives, optim, sharding
+from lm.config import ConfigError
 
 
 class TrainState(struct.PyTreeNode):
@@ -27,60 +28,65 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array   # base key; step n uses fold_in(rng, n), so resuming replays the same RNG
 
 
-def loss_sums(params, batch, rng, model: nn.Module, train: bool):
-  """(sum of token losses, number of tokens) for one batch of {inputs, targets[, weights]}."""
-  logits = model.apply({'params': params}, batch['inputs'], train=train,
-                       rngs={'dropout': rng} if train else {})
-  return losses.cross_entropy(logits, batch['targets'], batch.get('weights'))
-
-
-def loss_and_grads(params, batch, rng, model: nn.Module, accum_steps: int):
-  """Mean token loss and its gradients, summed over `accum_steps` microbatches in a scan.
+def loss_and_grads(params, frozen: dict, batch, rng, objective: objectives.Objective,
+                   accum_steps: int):
+  """Mean loss, its gradients and mean metrics, summed over `accum_steps` microbatches in a
+  scan; gradients only for `params` (what `frozen` holds gets none).
 
   Microbatch i takes rows i, i + k, ... so that each stays spread over the batch-sharded
   devices. Sums are divided once at the end, so the result equals one step on the batch."""
-  grad_fn = jax.value_and_grad(
-      lambda p, mb, r: loss_sums(p, mb, r, model, train=True), has_aux=True)
+  def sums(p, mb, r):
+    total, count, metrics = objective(p, frozen, mb, r, True)
+    return total, (count, metrics)
+
+  grad_fn = jax.value_and_grad(sums, has_aux=True)
   if accum_steps == 1:
-    (total, count), grads = grad_fn(params, batch, rng)
+    (total, (count, metrics)), grads = grad_fn(params, batch, rng)
   else:
     micro = jax.tree.map(lambda x: jnp.swapaxes(
         x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1), batch)
     micro = nn.with_logical_constraint(micro, (None, 'batch'))
 
     def add_microbatch(carry, inputs):
-      (loss, count), grads = grad_fn(params, inputs[0], jax.random.fold_in(rng, inputs[1]))
-      return jax.tree.map(jnp.add, carry, ((loss, count), grads)), None
+      out = grad_fn(params, inputs[0], jax.random.fold_in(rng, inputs[1]))
+      return jax.tree.map(jnp.add, carry, out), None
 
-    zeros = ((jnp.zeros([]), jnp.zeros([])), jax.tree.map(jnp.zeros_like, params))
-    ((total, count), grads), _ = jax.lax.scan(add_microbatch, zeros,
-                                              (micro, jnp.arange(accum_steps)))
-  return total / count, jax.tree.map(lambda g: g / count, grads)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng))
+    ((total, (count, metrics)), grads), _ = jax.lax.scan(add_microbatch, zeros,
+                                                         (micro, jnp.arange(accum_steps)))
+  mean = lambda x: x / count
+  return total / count, jax.tree.map(mean, grads), jax.tree.map(mean, metrics)
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, accum_steps):
+def train_step(state: TrainState, batch, frozen: dict, *, objective, tx, schedule, accum_steps):
   """One optimizer update; returns the new state and scalar metrics."""
   rng = jax.random.fold_in(state.rng, state.step)
-  loss, grads = loss_and_grads(state.params, batch, rng, model, accum_steps)
+  loss, grads, extra = loss_and_grads(state.params, frozen, batch, rng, objective, accum_steps)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # the schedule advances only on applied updates: skipped (non-finite) steps do not count
   applied_lr = schedule(state.step - state.opt_state.total_notfinite)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': applied_lr,
              'skipped_steps': opt_state.total_notfinite,
-             'nonfinite_streak': opt_state.notfinite_count}
+             'nonfinite_streak': opt_state.notfinite_count, **extra}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, model):
-  return loss_sums(params, batch, None, model, train=False)
+def eval_step(params, frozen: dict, batch, *, objective):
+  """(loss sum, count, metric sums) of one batch, without dropout."""
+  return objective(params, frozen, batch, None, False)
 
 
 @dataclasses.dataclass
 class Program:
-  """A model and optimizer compiled for a mesh."""
+  """A model, objective and optimizer compiled for a mesh.
+
+  `frozen` holds what the objective reads but never trains (see lm/objectives.py): set it
+  before stepping (from `init_frozen`, or loaded from config.train.init_from)."""
   model: model_lib.Transformer
   model_config: model_lib.ModelConfig
+  objective: objectives.Objective
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   mesh: jax.sharding.Mesh
@@ -88,39 +94,70 @@ class Program:
   state_sharding: TrainState
   batch_sharding: jax.sharding.NamedSharding
   abstract_state: TrainState   # shapes, dtypes and shardings: the restore target
+  abstract_frozen: dict
   init: Callable[[jax.Array], TrainState]
-  train_step: Callable[[TrainState, Any], tuple[TrainState, dict]]
-  eval_step: Callable[[Any, Any], tuple[jax.Array, jax.Array]]
+  init_frozen: Callable[[jax.Array], dict]
+  jitted_train_step: Callable
+  jitted_eval_step: Callable
+  frozen: dict = dataclasses.field(default_factory=dict)
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    return self.jitted_train_step(state, batch, self.frozen)
+
+  def eval_step(self, params, batch):
+    return self.jitted_eval_step(params, self.frozen, batch)
+
+  def variables(self, params) -> dict:
+    """Flax variables of the trained model, for sampling or scoring."""
+    return objectives.policy_variables(params, self.frozen)
 
   def in_mesh(self, fn: Callable) -> Callable:
     """fn traced on this program's mesh with its logical-axis rules (for jitting more)."""
-    return _in_mesh(fn, self.mesh, self.rules)
+    return sharding.with_mesh(fn, self.mesh, self.rules)
 
 
-def _in_mesh(fn, mesh, rules):
-  """fn called (and so traced) with the mesh and logical-axis rules active, which
-  nn.with_logical_constraint needs; `jax.set_mesh` may not be entered inside a jit."""
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return fn(*args, **kwargs)
-  return wrapped
+def model_config_for(config: ml_collections.ConfigDict, stages: int) -> model_lib.ModelConfig:
+  """The model of a resolved config: a scalar head for the reward model and PPO's value,
+  LoRA adapters when config.lora.rank > 0."""
+  return dataclasses.replace(
+      model_lib.ModelConfig.from_config(config.model), pipeline_stages=stages,
+      scalar_head=config.train.objective in ('reward', 'ppo'), lora_rank=config.lora.rank,
+      lora_alpha=config.lora.alpha, lora_targets=config.lora.targets)
+
+
+def _split(config, variables: dict) -> tuple[Any, dict]:
+  """(trained parameters, frozen dict) of freshly initialised variables."""
+  lora = config.lora.rank > 0
+  frozen = {'base': variables['params']} if lora else {}
+  if config.train.objective in ('dpo', 'grpo', 'ppo') and not lora:
+    frozen['reference'] = {k: v for k, v in variables['params'].items() if k != 'score_head'}
+  return (variables['lora'] if lora else variables['params']), frozen
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program:
   """The jitted init / train / eval functions for a resolved, validated config."""
-  model_config = dataclasses.replace(model_lib.ModelConfig.from_config(config.model),
-                                     pipeline_stages=mesh.shape['stage'])
+  model_config = model_config_for(config, mesh.shape['stage'])
   model = model_lib.Transformer(model_config)
+  reference = model_lib.Transformer(dataclasses.replace(model_config, scalar_head=False,
+                                                        lora_rank=0))
+  objective = objectives.make(config, model, reference)
   tx, schedule = optim.make_optimizer(config.optim)
   rules = sharding.rules(config)
 
-  def init_params(rng):
-    return model.init(rng, jnp.zeros((1, config.data.seq_len), jnp.int32))['params']
+  def init_variables(rng):
+    return model.init(rng, jnp.zeros((1, config.data.seq_len), jnp.int32))
 
-  boxed = _in_mesh(jax.eval_shape, mesh, rules)(init_params, jax.random.PRNGKey(0))
-  params_sharding = sharding.params_shardings(boxed, mesh, rules)
-  abstract_params = nn.unbox(boxed)
+  boxed = sharding.with_mesh(jax.eval_shape, mesh, rules)(init_variables, jax.random.PRNGKey(0))
+  if config.lora.rank and 'lora' not in boxed:
+    kernels = sorted({'/'.join(str(k.key) for k in path[:-1]) for path, _ in
+                      jax.tree_util.tree_flatten_with_path(nn.unbox(boxed['params']))[0]
+                      if path[-1].key == 'kernel'})
+    raise ConfigError(f'config.lora.targets={config.lora.targets!r} matches no module; '
+                      f'the Linear modules are: {", ".join(kernels)}')
+  boxed_params, boxed_frozen = _split(config, boxed)
+  params_sharding = sharding.params_shardings(boxed_params, mesh, rules)
+  frozen_sharding = sharding.params_shardings(boxed_frozen, mesh, rules)
+  abstract_params = nn.unbox(boxed_params)
   abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
   replicated = sharding.replicated(mesh)
   state_sharding = TrainState(
@@ -129,23 +166,32 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
                                              params_sharding, mesh))
 
   def init(rng):
-    params = nn.unbox(init_params(rng))
+    params = _split(config, nn.unbox(init_variables(rng)))[0]
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.fold_in(rng, 1))
 
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      _in_mesh(jax.eval_shape, mesh, rules)(init, jax.random.PRNGKey(0)), state_sharding)
+  def init_frozen(rng):
+    return _split(config, nn.unbox(init_variables(rng)))[1]
+
+  with_shardings = lambda tree, shardings: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+  abstract_state = with_shardings(sharding.with_mesh(jax.eval_shape, mesh, rules)(
+      init, jax.random.PRNGKey(0)), state_sharding)
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+  step_fn = functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
                               accum_steps=config.train.grad_accum_steps)
   return Program(
-      model=model, model_config=model_config, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
-      state_sharding=state_sharding, batch_sharding=batch_sharding, abstract_state=abstract_state,
-      init=_in_mesh(jax.jit(init, out_shardings=state_sharding), mesh, rules),
-      train_step=_in_mesh(jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                                  out_shardings=(state_sharding, replicated),
-                                  donate_argnums=0), mesh, rules),
-      eval_step=_in_mesh(jax.jit(functools.partial(eval_step, model=model),
-                                 in_shardings=(params_sharding, batch_sharding),
-                                 out_shardings=replicated), mesh, rules))
+      model=model, model_config=model_config, objective=objective, tx=tx, schedule=schedule,
+      mesh=mesh, rules=rules, state_sharding=state_sharding, batch_sharding=batch_sharding,
+      abstract_state=abstract_state,
+      abstract_frozen=with_shardings(nn.unbox(boxed_frozen), frozen_sharding),
+      init=sharding.with_mesh(jax.jit(init, out_shardings=state_sharding), mesh, rules),
+      init_frozen=sharding.with_mesh(jax.jit(init_frozen, out_shardings=frozen_sharding),
+                                     mesh, rules),
+      jitted_train_step=sharding.with_mesh(jax.jit(
+          step_fn, in_shardings=(state_sharding, batch_sharding, frozen_sharding),
+          out_shardings=(state_sharding, replicated), donate_argnums=0), mesh, rules),
+      jitted_eval_step=sharding.with_mesh(jax.jit(
+          functools.partial(eval_step, objective=objective),
+          in_shardings=(params_sharding, frozen_sharding, batch_sharding),
+          out_shardings=replicated), mesh, rules))

@@ -1,5 +1,4 @@
 """The training loop: data, init or resume, train / eval / checkpoint, final test and sample."""
-import dataclasses
 import functools
 import json
 import math
@@ -7,16 +6,17 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 from etils import epath
 
-from lm import checkpoint, sample, sharding, steps
+from lm import checkpoint, runs, sample, sharding, steps
 from lm import config as config_lib
 from lm import metrics as metrics_lib
-from lm import model as model_lib
 from lm.data import pipeline
+from lm.post import rl
 
 
 class NonFiniteError(RuntimeError):
@@ -31,13 +31,15 @@ def global_batch(program: steps.Program, local_batch: dict[str, np.ndarray], bat
       program.batch_sharding, x, (batch_size, *x.shape[1:])), local_batch)
 
 
-def evaluate(program: steps.Program, params, batches, batch_size: int) -> float:
-  """Mean token loss over the batches."""
-  total, count = 0.0, 0.0
+def evaluate(program: steps.Program, params, batches, batch_size: int) -> dict[str, float]:
+  """The objective's mean loss ('loss') and metrics (e.g. 'accuracy') over the batches."""
+  sums = None
   for batch in batches:
-    batch_total, batch_count = program.eval_step(params, global_batch(program, batch, batch_size))
-    total, count = total + batch_total, count + batch_count
-  return float(total / count)
+    total, count, metrics = program.eval_step(params, global_batch(program, batch, batch_size))
+    out = {'loss': total, 'count': count, **metrics}
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  count = float(sums.pop('count'))
+  return {k: float(v) / count for k, v in sums.items()}
 
 
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path | None,
@@ -102,8 +104,11 @@ class Logger:
       self.interval_start = (step, time.perf_counter())
     if step % self.config.train.log_every:
       return
-    row = {'loss': m['loss'], 'perplexity': math.exp(min(m['loss'], 50.0)),
-           'lr': m['lr'], 'grad_norm': m['grad_norm'], 'skipped_steps': m['skipped_steps']}
+    row = {'loss': m['loss'], 'lr': m['lr'], 'grad_norm': m['grad_norm'],
+           'skipped_steps': m['skipped_steps']}
+    if self.config.train.objective in ('lm', 'sft'):
+      row['perplexity'] = math.exp(min(m['loss'], 50.0))
+    row.update({k: v for k, v in m.items() if k not in row and k != 'nonfinite_streak'})
     now = time.perf_counter()
     if started is not None and step > first:
       row.update(metrics_lib.throughput(step - first, now - started, self.tokens_per_step,
@@ -128,11 +133,14 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
   state = ckpt.restore_latest(program.abstract_state, data.train, run, hint=(
       f'Use a new --workdir, or start a new run from this one with '
       f'--config.train.init_from={workdir}'))
+  program.frozen = _frozen(program, workdir, warm, run, t.seed)
   if state is None:
     state = program.init(jax.random.PRNGKey(t.seed))
-    if warm:
+    if warm and not config.lora.rank:   # under LoRA the warm start is the frozen base
+      # a scalar head (reward, value) new to this run keeps its fresh initialisation
+      heads = {k: v for k, v in state.params.items() if k == 'score_head'}
       state = state.replace(params=checkpoint.load_params(
-          warm[1], program.abstract_state.params, run, 'config.train.init_from'))
+          warm[1], program.abstract_state.params, run, 'config.train.init_from', fresh=heads))
   start_step = int(state.step)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -143,8 +151,36 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
     start = (f'resuming at step {start_step}' if start_step else
              f'starting from the parameters of {warm[1]}' if warm else 'starting')
     print(f'{start}: {counts["total"]:,} parameters ({counts["non_embedding"]:,} '
-          f'non-embedding), vocabulary {config.model.vocab_size}, mesh {dict(program.mesh.shape)}')
+          f'non-embedding), vocabulary {config.model.vocab_size}, mesh {dict(program.mesh.shape)}, '
+          f'objective {t.objective}')
+    print(_trainable_summary(program, state))
   return config, data, program, state, run
+
+
+def _frozen(program: steps.Program, workdir: epath.Path, warm, run: dict, seed: int) -> dict:
+  """What the objective reads but never trains (LoRA base, reference): saved in the workdir
+  when the run starts (from config.train.init_from's parameters, or a fresh init), so that a
+  resume needs nothing outside the run directory."""
+  if not program.abstract_frozen:
+    return {}
+  if (workdir / runs.FROZEN_DIR).exists():
+    return runs.load_frozen(workdir, program)
+  frozen = program.init_frozen(jax.random.PRNGKey(seed))
+  if warm:
+    frozen = {name: checkpoint.load_params(warm[1], program.abstract_frozen[name], run,
+                                           'config.train.init_from')
+              for name in frozen}
+  runs.save_frozen(workdir, frozen)
+  return frozen
+
+
+def _trainable_summary(program: steps.Program, state) -> str:
+  """Trained parameters (of all, frozen included) and optimizer-state bytes."""
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  trained, frozen = count(state.params), count(program.frozen.get('base', {}))
+  opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
+  return (f'trainable parameters {trained:,} of {trained + frozen:,} '
+          f'({100 * trained / (trained + frozen):.2f}%), optimizer state {opt_bytes:,} bytes')
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[str, float]:
@@ -164,17 +200,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
   bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
                   dynamic_ncols=True, mininterval=1.0)
   logger = Logger(config, program, writer, bar, start_step)
-  val_loss = None
+  rollouts = rl.Rollouts(config, program, data) if t.objective in ('grpo', 'ppo') else None
+  evaluate_on = functools.partial(_evaluate, program, data, rollouts, t.eval_batch_size)
+  val = None
   for step in range(start_step + 1, t.steps + 1):
-    state, step_metrics = program.train_step(
-        state, global_batch(program, next(data.train), t.batch_size))
-    logger.push(step, step_metrics)
+    if rollouts is None:
+      batch, host_metrics = global_batch(program, next(data.train), t.batch_size), {}
+    elif (step - 1) % config.rl.updates_per_rollout == 0:   # then reused for the next updates
+      batch, host_metrics = rollouts(state, next(data.train), step)
+    state, step_metrics = program.train_step(state, batch)
+    logger.push(step, {**step_metrics, **host_metrics})
     if step % t.eval_every == 0 or step == t.steps:
       logger.flush()
-      val_loss = evaluate(program, state.params, data.eval['validation'], t.eval_batch_size)
-      writer.write(step, {'val_loss': val_loss})
+      val = evaluate_on(state.params, 'validation')
+      writer.write(step, val)
       if is_main:
-        bar.write(f'step {step}: val_loss {val_loss:.4f}')
+        bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
     if step % t.checkpoint_every == 0 or step == t.steps:
       ckpt.save(step, state, data.train, run)
     bar.update()
@@ -182,21 +223,29 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
   bar.close()
   ckpt.wait()
   ckpt.close()
-  test_loss = evaluate(program, state.params, data.eval['test'], t.eval_batch_size)
-  if val_loss is None:
-    val_loss = evaluate(program, state.params, data.eval['validation'], t.eval_batch_size)
-  writer.write(t.steps, {'test_loss': test_loss})
+  test = evaluate_on(state.params, 'test')
+  val = val or evaluate_on(state.params, 'validation')
+  writer.write(t.steps, test)
   writer.close()
   text = _sample(config, program, state.params, data.tokenizer)   # every process takes part
   wall = time.perf_counter() - start_time
-  final = {'steps': t.steps, 'val_loss': val_loss, 'test_loss': test_loss, 'wall_s': wall}
+  final = {'steps': t.steps, **val, **test, 'wall_s': wall}
   if is_main:
     (workdir / 'final.json').write_text(json.dumps(final))   # marks the run finished
     if text is not None:
       print('sample:\n' + text)
-    print(f'done: {t.steps} steps, val_loss {val_loss:.4f}, test_loss {test_loss:.4f}, '
-          f'{wall:.1f}s wall, workdir {workdir}')
+    scores = ', '.join(f'{k} {v:.4f}' for k, v in {**val, **test}.items())
+    print(f'done: {t.steps} steps, {scores}, {wall:.1f}s wall, workdir {workdir}')
   return final
+
+
+def _evaluate(program, data, rollouts, batch_size: int, params, split: str) -> dict[str, float]:
+  """Metrics on a split, named like val_loss / test_accuracy: the objective's loss and
+  metrics, or for RL the mean reward of greedy completions."""
+  prefix = {'validation': 'val', 'test': 'test'}[split]
+  metrics = (rollouts.evaluate(params, split) if rollouts else
+             evaluate(program, params, data.eval[split], batch_size))
+  return {f'{prefix}_{k}': v for k, v in metrics.items()}
 
 
 def _sample(config, program: steps.Program, params, tokenizer) -> str | None:
@@ -204,13 +253,11 @@ def _sample(config, program: steps.Program, params, tokenizer) -> str | None:
   s = config.sample
   if s.num_tokens <= 0:
     return None
+  settings = sample.Settings(s.num_tokens, s.temperature, s.top_k, s.top_p,
+                             eos_id=tokenizer.eos_id)
+  sampler = sample.Sampler(program.model_config, program.mesh, program.rules,
+                           tokenizer.vocab_size)
   prompt = tokenizer.encode(s.prompt)
-  # one sequence at a time: the layer stack unpipelined (pipeline_microbatches=0)
-  model = model_lib.Transformer(dataclasses.replace(program.model_config,
-                                                    pipeline_microbatches=0))
-  ids = sample.generate(model, params, prompt, s.num_tokens,
-                        vocab_size=tokenizer.vocab_size, max_len=config.data.seq_len,
-                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                        rng=jax.random.PRNGKey(config.train.seed),
-                        out_sharding=sharding.replicated(program.mesh))
-  return tokenizer.decode(ids)
+  new = sampler.extend(program.variables(params), prompt, jax.random.PRNGKey(config.train.seed),
+                       settings)
+  return s.prompt + sample.completion_text(tokenizer, new, len(new))

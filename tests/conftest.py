@@ -49,7 +49,8 @@ def loss_and_grads(program: steps.Program, batch, accum_steps: int = 1, rng=None
   """Mean loss and gradients of the program's model at its initial parameters, on its mesh."""
   params = program.init(jax.random.PRNGKey(0)).params
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  fn = jax.jit(lambda p, b: steps.loss_and_grads(p, b, rng, program.model, accum_steps))
+  fn = jax.jit(lambda p, b: steps.loss_and_grads(p, {}, b, rng, program.objective,
+                                                 accum_steps)[:2])
   return program.in_mesh(fn)(params, jax.device_put(batch, program.batch_sharding))
 
 

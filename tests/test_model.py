@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import attention, steps
+from lm import attention, objectives, steps
 from lm import config as config_lib
 from lm import model as model_lib
 from tests.conftest import tiny_config
@@ -81,8 +81,9 @@ def test_causal_mask_hides_the_future(causal):
 def _loss_and_grads(overrides, params, tokens):
   model, _ = _model(**overrides)
   batch = {'inputs': tokens, 'targets': jnp.roll(tokens, -1, axis=1)}
-  return jax.jit(lambda p, b: steps.loss_and_grads(p, b, jax.random.PRNGKey(0), model, 1))(
-      params, batch)
+  objective = objectives.next_token(model)
+  return jax.jit(lambda p, b: steps.loss_and_grads(p, {}, b, jax.random.PRNGKey(0), objective,
+                                                   1)[:2])(params, batch)
 
 
 def _unstack(scanned, n_layers):
@@ -116,9 +117,10 @@ def test_rope_is_relative():
   """Rotary embeddings make q.k depend only on the distance between positions."""
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 1, 8))
   y = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 1, 8))
+  positions = jnp.arange(12)[None]
   def score(i, j):
-    q = model_lib.rotary(jnp.tile(x, (1, 12, 1, 1)), 10000.0)[0, i, 0]
-    k = model_lib.rotary(jnp.tile(y, (1, 12, 1, 1)), 10000.0)[0, j, 0]
+    q = model_lib.rotary(jnp.tile(x, (1, 12, 1, 1)), positions, 10000.0)[0, i, 0]
+    k = model_lib.rotary(jnp.tile(y, (1, 12, 1, 1)), positions, 10000.0)[0, j, 0]
     return float(q @ k)
   np.testing.assert_allclose(score(3, 1), score(10, 8), rtol=1e-5)
   assert abs(score(3, 1) - score(3, 2)) > 1e-4

@@ -22,8 +22,8 @@ def _loss_and_grads(shape, microbatches, accum=1, repeats=1, params=None, **mode
   params = program.init(jax.random.PRNGKey(0)).params if params is None else params
   batch = jax.device_put(random_batch(16, 16), program.batch_sharding)
   fn = jax.jit(lambda params, batch: steps.loss_and_grads(
-      params, batch, jax.random.PRNGKey(0), program.model, accum))
-  run = steps._in_mesh(fn, program.mesh, sharding.rules(config))
+      params, {}, batch, jax.random.PRNGKey(0), program.objective, accum)[:2])
+  run = sharding.with_mesh(fn, program.mesh, sharding.rules(config))
   return run(params, batch), params
 
 
@@ -102,7 +102,7 @@ def test_dropout_through_the_pipeline():
   program = build_program(config, (1, 1, 1, 2))
   batch = jax.device_put(random_batch(16, 16), program.batch_sharding)
   loss_at = program.in_mesh(jax.jit(lambda p: steps.loss_and_grads(
-      p, batch, jax.random.PRNGKey(0), program.model, 1)[0]))
+      p, {}, batch, jax.random.PRNGKey(0), program.objective, 1)[0]))
   norm = float(optax.tree.norm(grads))
   eps = 1e-3   # the loss curves fast: 1e-2 is 2% off even without dropout
   shifted = lambda sign: jax.tree.map(lambda p, g: p + sign * eps * g / norm, params, grads)
@@ -123,7 +123,8 @@ def test_pipeline_shifts_activations_between_stage_devices():
   state = program.init(jax.random.PRNGKey(0))
   batch = jax.device_put(random_batch(8, 16), program.batch_sharding)
   with jax.set_mesh(program.mesh), nn.logical_axis_rules(sharding.rules(config)):
-    hlo = program.train_step.__wrapped__.lower(state, batch).compile().as_text()
+    hlo = program.jitted_train_step.__wrapped__.lower(
+        state, batch, program.frozen).compile().as_text()
   assert 'collective-permute' in hlo
 
 

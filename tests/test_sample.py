@@ -1,10 +1,17 @@
-"""Sampling filters on crafted distributions, against a NumPy statement of each rule."""
+"""Sampling: filters on crafted distributions against a NumPy statement of each rule; the KV
+cache against recomputing the whole window."""
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm import config as config_lib
+from lm import model as model_lib
 from lm import sample
+from tests.conftest import build_program, tiny_config
 
 PROBS = np.array([0.05, 0.5, 0.15, 0.3], np.float32)
 
@@ -53,9 +60,93 @@ class _FavoursPadding:
 
 def test_padded_vocabulary_ids_are_never_sampled_and_greedy_follows_argmax():
   for temperature, top_k, top_p in ((1.0, 0, 1.0), (2.0, 3, 0.9), (1e-9, 0, 1.0)):
-    ids = sample.generate(_FavoursPadding(), None, np.array([0]), 40, vocab_size=5, max_len=8,
-                          temperature=temperature, top_k=top_k, top_p=top_p,
-                          rng=jax.random.PRNGKey(1))
+    ids = sample.recompute_generate(_FavoursPadding(), None, np.array([0]), 40,
+                                    jax.random.PRNGKey(1), sample.Settings(
+                                        40, temperature, top_k, top_p), vocab_size=5, max_len=8)
     assert ids.max() < 5, ids
   # temperature -> 0: each token is the argmax among real ids, (previous + 1) % 5
   np.testing.assert_array_equal(ids, np.arange(41) % 5)
+
+
+LLAMA = dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
+             tie_embeddings=False, n_kv_heads=2)   # grouped-query: 8 query heads over 2
+PROMPTS = [np.array([5, 9, 2]), np.arange(3, 12), np.array([7]), np.array([1, 4, 4, 8, 2])]
+
+
+def _model_and_variables(style: str, vocab_size: int = 64):
+  config = config_lib.resolve(tiny_config(**(LLAMA if style == 'llama' else {}),
+                                          vocab_size=vocab_size), None)
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  model = model_lib.Transformer(cfg)
+  variables = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  # larger than init so that logits differ clearly between positions (init std is 0.02)
+  variables = jax.tree.map(lambda x: x * 8.0, variables)
+  return cfg, model, variables
+
+
+def _generate(cfg, variables, settings, rng, return_logits=False, vocab_size=64):
+  padded = sample.left_padded(PROMPTS, cfg.max_len - settings.max_new_tokens)
+  return padded, sample.generate(sample.decoder(cfg), variables, padded, rng, settings,
+                                 vocab_size, return_logits=return_logits)
+
+
+@pytest.mark.parametrize('style', ['gpt', 'llama'])
+def test_cached_logits_equal_a_full_recompute_at_every_step(style):
+  """Prompts of different lengths, left-padded in one batch; each sampled token's logits from
+  the cache equal the plain model's on the unpadded prompt + tokens so far."""
+  cfg, model, variables = _model_and_variables(style)
+  settings = sample.Settings(max_new_tokens=6, temperature=1.0)
+  _, (new, lengths, logits_NxBxV) = _generate(cfg, variables, settings, jax.random.PRNGKey(3),
+                                               return_logits=True)
+  np.testing.assert_array_equal(lengths, [6] * len(PROMPTS))
+  for b, prompt in enumerate(PROMPTS):
+    sequence = np.concatenate([prompt, np.asarray(new[b])])[None]
+    full_LxV = np.asarray(model.apply(variables, sequence)[0])
+    for i in range(settings.max_new_tokens):
+      np.testing.assert_allclose(logits_NxBxV[i, b], full_LxV[len(prompt) - 1 + i],
+                                 rtol=1e-5, atol=1e-5, err_msg=f'prompt {b}, token {i}')
+
+
+@pytest.mark.parametrize('style', ['gpt', 'llama'])
+def test_greedy_tokens_equal_recomputing_and_a_seed_repeats(style):
+  cfg, model, variables = _model_and_variables(style)
+  greedy = sample.Settings(max_new_tokens=7, greedy=True)   # every prompt fits: 9 + 7 <= 16
+  _, (new, _) = _generate(cfg, variables, greedy, jax.random.PRNGKey(0))
+  for b, prompt in enumerate(PROMPTS):
+    recomputed = sample.recompute_generate(model, variables, prompt, 7, jax.random.PRNGKey(0),
+                                           dataclasses.replace(greedy, temperature=1e-9),
+                                           vocab_size=64, max_len=cfg.max_len)
+    np.testing.assert_array_equal(np.asarray(new[b]), recomputed[len(prompt):], err_msg=b)
+  hot = sample.Settings(max_new_tokens=10, temperature=1.5, top_k=20, top_p=0.9)
+  first = _generate(cfg, variables, hot, jax.random.PRNGKey(7))[1][0]
+  again = _generate(cfg, variables, hot, jax.random.PRNGKey(7))[1][0]
+  other = _generate(cfg, variables, hot, jax.random.PRNGKey(8))[1][0]
+  np.testing.assert_array_equal(first, again)
+  assert not np.array_equal(first, other)
+
+
+def test_eos_stops_a_row_and_padded_ids_are_never_drawn():
+  cfg, _, variables = _model_and_variables('gpt')
+  settings = sample.Settings(max_new_tokens=12, temperature=3.0)   # flat: every id is likely
+  _, (new, lengths) = _generate(cfg, variables, settings, jax.random.PRNGKey(0), vocab_size=40)
+  assert np.asarray(new).max() < 40
+  eos = int(new[0, 2])
+  _, (new, lengths) = _generate(cfg, variables, dataclasses.replace(settings, eos_id=eos),
+                                jax.random.PRNGKey(0), vocab_size=40)
+  for row, n in zip(np.asarray(new), np.asarray(lengths)):
+    hits = np.flatnonzero(row == eos)
+    assert n == (hits[0] + 1 if len(hits) else 12)
+  assert lengths[0] == 3
+
+
+def test_sharded_sampling_equals_one_device():
+  """Parameters sharded over tensor x fsdp: the same tokens as on one device."""
+  config = tiny_config(**LLAMA)
+  settings = sample.Settings(max_new_tokens=8, temperature=1.0, top_k=10)
+  out = {}
+  for shape in ((1, 1, 1, 1), (1, 4, 2, 1)):
+    program = build_program(config.copy_and_resolve_references(), shape)
+    params = program.init(jax.random.PRNGKey(0)).params
+    sampler = sample.Sampler(program.model_config, program.mesh, program.rules, 64)
+    out[shape] = sampler(program.variables(params), PROMPTS, jax.random.PRNGKey(1), settings)[1]
+  np.testing.assert_array_equal(out[(1, 1, 1, 1)], out[(1, 4, 2, 1)])

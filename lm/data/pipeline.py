@@ -40,6 +40,7 @@ class Data:
   tokenizer: Any
   train: grain.DatasetIterator             # local batches; checkpointable (get_state / set_state)
   eval: dict[str, list[dict[str, np.ndarray]]]   # 'validation' / 'test' -> local batches
+  examples: dict[str, list[dict]] | None = None  # post-training JSONL objects of each split
 
 
 def all_rows(batch_size: int) -> slice:
@@ -127,6 +128,9 @@ def make_data(config, workdir: epath.Path | None, rows: Rows = all_rows,
   directory), training iterator and evaluation batches. Process 0 prepares the files first;
   the others then read them (or prepare their own copy on another machine)."""
   d, t = config.data, config.train
+  if d.format != 'text':
+    from lm.post import data as post_data  # which imports this module
+    return post_data.make_data(config, workdir, rows, tokenizer_from)
 
   def prepare():
     corpus = sources.documents(d)

@@ -1,0 +1,77 @@
+"""Decoding speed with the KV cache against recomputing the whole window for every token:
+prints one JSON line.
+
+    python benchmarks/sample.py --config experiments/shakespeare_char.py \
+        [--prompt_len 256] [--new_tokens 200] [--batch 1] [--config.model.d_model=256 ...]
+
+The model is the experiment's, randomly initialised (speed does not depend on the weights),
+with max_len = prompt_len + new_tokens. Keys: cached_tokens_per_s and recompute_tokens_per_s
+(new tokens per second over the batch, after a compile run), speedup, cached_compile_s.
+"""
+import dataclasses
+import json
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from lm import config as config_lib
+from lm import model as model_lib
+from lm import sample
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
+_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 256, 'Prompt tokens.')
+_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 200, 'Tokens generated after the prompt.')
+_BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together (cached decoding).')
+VOCAB = 256
+
+
+def main(argv) -> None:
+  del argv
+  config = config_lib.resolve(_CONFIG.value, VOCAB)
+  cfg = dataclasses.replace(model_lib.ModelConfig.from_config(config.model),
+                            max_len=_PROMPT_LEN.value + _NEW_TOKENS.value)
+  model = model_lib.Transformer(cfg)
+  variables = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  prompts = [np.random.default_rng(i).integers(0, VOCAB, _PROMPT_LEN.value)
+             for i in range(_BATCH.value)]
+  settings = sample.Settings(_NEW_TOKENS.value, temperature=1.0)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1),
+                           ('data', 'fsdp', 'tensor', 'stage'))
+  sampler = sample.Sampler(cfg, mesh, (), VOCAB)
+
+  def cached():
+    return sampler(variables, prompts, jax.random.PRNGKey(0), settings)[1]
+
+  start = time.perf_counter()
+  cached()
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  cached()
+  cached_s = time.perf_counter() - start
+
+  def recompute(tokens: int):
+    return sample.recompute_generate(model, variables, prompts[0], tokens, jax.random.PRNGKey(0),
+                                     settings, VOCAB, cfg.max_len)
+  recompute(2)   # compile
+  start = time.perf_counter()
+  recompute(_NEW_TOKENS.value)
+  recompute_s = time.perf_counter() - start
+
+  cached_rate = _BATCH.value * _NEW_TOKENS.value / cached_s
+  recompute_rate = _NEW_TOKENS.value / recompute_s   # one prompt at a time
+  print(json.dumps({
+      'prompt_len': _PROMPT_LEN.value, 'new_tokens': _NEW_TOKENS.value, 'batch': _BATCH.value,
+      'parameters': cfg.param_counts()['total'], 'device': jax.devices()[0].device_kind,
+      'cached_compile_s': round(compile_s, 3), 'cached_tokens_per_s': round(cached_rate, 1),
+      'recompute_tokens_per_s': round(recompute_rate, 1),
+      'speedup': round(cached_rate / recompute_rate / _BATCH.value, 2)}))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

@@ -1,0 +1,28 @@
+"""LoRA adapters (held in the 'lora' collection by `lm.model.Linear`) folded into the base
+kernels: W + a @ b * alpha / rank, a plain model with the adapted weights."""
+import jax.numpy as jnp
+
+
+def merge_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:
+  """`params` with every adapted kernel replaced by its merged value; the adapters' tree
+  mirrors the parameters' module paths."""
+  merged = dict(params)
+  for name, adapter in lora.items():
+    if set(adapter) == {'a', 'b'}:
+      merged[name] = {**params[name], 'kernel': _merged_kernel(
+          params[name]['kernel'], adapter['a'], adapter['b'], alpha / rank)}
+    else:
+      merged[name] = merge_lora(params[name], adapter, alpha, rank)
+  return merged
+
+
+def _merged_kernel(kernel, a, b, scale: float):
+  """kernel [*lead, *in, *out] + a [*lead, *in, r] @ b [*lead, r, *out] * scale, where
+  *lead are stacked layers (nn.scan)."""
+  lead = a.ndim + b.ndim - 2 - kernel.ndim
+  in_shape, out_shape = a.shape[lead:-1], b.shape[lead + 1:]
+  a_IxR = a.reshape(*a.shape[:lead], -1, a.shape[-1])
+  b_RxO = b.reshape(*b.shape[:lead + 1], -1)
+  delta = jnp.matmul(a_IxR.astype(jnp.float32), b_RxO.astype(jnp.float32)) * scale
+  return (kernel.astype(jnp.float32) + delta.reshape(*kernel.shape[:lead], *in_shape,
+                                                     *out_shape)).astype(kernel.dtype)

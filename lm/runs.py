@@ -1,0 +1,81 @@
+"""A run directory read back for use: its config, tokenizer, model and trained variables (for
+sampling, scoring with a reward model, export, and as RL's reward)."""
+import dataclasses
+import json
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from lm import checkpoint, sample, sharding, steps
+from lm import config as config_lib
+from lm import model as model_lib
+from lm.config import ConfigError
+from lm.data import tokenizers
+
+FROZEN_DIR = 'frozen'   # what a run reads but never trains (LoRA base, reference), saved once
+
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  tokenizer: object
+  model_config: model_lib.ModelConfig   # unpipelined, layers in logical order
+  model: model_lib.Transformer
+  variables: dict                       # {'params'[, 'lora']} for model.apply
+  step_dir: epath.Path
+
+
+def load(run_dir: str, field: str, mesh: jax.sharding.Mesh | None = None) -> Run:
+  """The newest checkpoint of a run (or RUN/checkpoints/STEP), on `mesh` (default: one
+  device); `field` names the flag or config key in error messages."""
+  directory, step_dir = checkpoint.warm_start_dirs(run_dir, field)
+  if not (directory / 'config.json').exists():
+    raise ConfigError(f'{field}={run_dir}: no config.json in {directory}')
+  config = saved_config(directory)
+  stages = config.mesh.shape[3] if config.mesh.shape[3] > 0 else 1
+  config.mesh.shape = (1, 1, 1, 1)
+  mesh = mesh or sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1])
+  program = steps.build(config, mesh)
+  target = {'params': program.abstract_state.params}
+  restored = ocp.PyTreeCheckpointer().restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
+  program.frozen = load_frozen(directory, program, only=('base',))   # no reference needed
+  # a circular pipeline stored its layers stage-major: put them in logical order once
+  stored = dataclasses.replace(program.model_config, pipeline_stages=stages)
+  variables = sample.in_logical_order(stored, program.variables(restored['params']))
+  tokenizer = tokenizers.load(directory / 'tokenizer.json', config.data.tokenizer)
+  return Run(config, tokenizer, program.model_config, program.model, variables, step_dir)
+
+
+def saved_config(directory: epath.Path) -> ml_collections.ConfigDict:
+  """A run's config.json over the base config (keys added since it was written keep their
+  defaults), with JSON lists back as tuples."""
+  as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, list) else v
+  config = config_lib.get_base_config()
+  for section, values in json.loads((directory / 'config.json').read_text()).items():
+    for key, value in values.items():
+      config[section][key] = as_tuple(value)
+  return config
+
+
+def load_frozen(directory: epath.Path, program: steps.Program, only=None) -> dict:
+  """The frozen variables saved in a run directory ({} when the run has none); `only` picks
+  entries ('base', 'reference')."""
+  target = {k: v for k, v in program.abstract_frozen.items() if only is None or k in only}
+  if not target:
+    return {}
+  path = directory / FROZEN_DIR
+  if not path.exists():
+    raise ConfigError(f'{directory} has no {FROZEN_DIR}/ (the frozen base or reference)')
+  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
+
+
+def save_frozen(directory: epath.Path, frozen: dict) -> None:
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / FROZEN_DIR, frozen)
+  checkpointer.wait_until_finished()
