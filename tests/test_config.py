@@ -31,6 +31,16 @@ def _validate(config, devices=8):
     ({'mesh.shape': (1, 1, 8, 1), 'model.n_heads': 4, 'model.n_kv_heads': 4}, 8,
      r'config.model.n_heads=4 is not divisible by the tensor mesh axis \(8\)'),
     ({'optim.warmup_steps': 50, 'train.steps': 20}, 1, r'warmup_steps=50 must be .* less than'),
+    ({'train.objective': 'ppo2'}, 1, r"config.train.objective='ppo2' is not one of"),
+    ({'train.objective': 'sft'}, 1, r"objective='sft' reads config.data.format='sft', got 'text'"),
+    ({'train.objective': 'dpo', 'data.format': 'preference', 'data.source': 'jsonl:p.jsonl'}, 1,
+     r"objective='dpo' needs config.train.init_from"),
+    ({'train.objective': 'grpo', 'data.format': 'prompt', 'data.source': 'jsonl:p.jsonl',
+      'train.init_from': 'runs/sft', 'rl.reward': 'exact_match'}, 1,
+     r"config.rl.reward='exact_match' must be 'model:RUN_DIR' or 'python:module:function'"),
+    ({'data.format': 'sft'}, 1, r"objective='lm' reads config.data.format='text', got 'sft'"),
+    ({'train.objective': 'reward', 'data.format': 'preference', 'data.source': 'jsonl:p.jsonl',
+      'lora.rank': 4}, 1, r'config.lora.rank=4 with .*reward'),
 ])
 def test_bad_config_names_the_field(overrides, devices, message):
   config = tiny_config()
@@ -85,3 +95,36 @@ def test_main_prints_one_line_and_exits_2(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       'error: config.model.d_model=128 is not divisible by config.model.n_heads=3')
+
+
+@pytest.mark.parametrize('line, message', [
+    ('{"prompt": "a"}', r"p.jsonl:2: missing string field 'response'"),
+    ('{"prompt": "a", "response": 3}', r"p.jsonl:2: missing string field 'response'"),
+    ('not json', r'p.jsonl:2: not JSON'),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', r'p.jsonl:2: .*no "assistant"'),
+])
+def test_bad_post_training_jsonl_names_file_and_line(tmp_path, line, message):
+  from lm.post import data as post_data
+  path = tmp_path / 'p.jsonl'
+  path.write_text('{"prompt": "q", "response": "r"}\n' + line + '\n')
+  with pytest.raises(config_lib.ConfigError, match=message):
+    post_data.read_examples(str(path), 'sft')
+
+
+def test_overlong_examples_error_or_are_truncated_and_counted():
+  from lm.data import tokenizers
+  from lm.post import data as post_data
+  examples = [{'prompt': 'abc', 'response': 'defghij'}, {'prompt': 'a', 'response': 'b'}]
+  strict = post_data.Truncation('error', 6, 'train')
+  with pytest.raises(config_lib.ConfigError, match=r'overlong=error: example 0 of the train '
+                     r'split has 11 tokens, more than the 6'):
+    post_data.sft_rows(tokenizers.ByteTokenizer(), examples, 5, False, strict)
+  lenient = post_data.Truncation('truncate', 6, 'train')
+  rows = post_data.sft_rows(tokenizers.ByteTokenizer(), examples, 5, False, lenient)
+  assert lenient.count == 1 and rows['weights'][0].sum() == 3   # 'efg' of the response
+
+
+def test_python_reward_that_cannot_be_imported_names_the_spec():
+  from lm.post import rl
+  with pytest.raises(config_lib.ConfigError, match=r'config.rl.reward=python:lm.post.tasks:nope'):
+    rl.python_reward('lm.post.tasks:nope')

@@ -82,7 +82,7 @@ def test_sft_loss_is_the_masked_mean_and_prompt_targets_count_for_nothing():
   np.testing.assert_allclose(float(total / count), (nll * w).sum() / w.sum(), rtol=1e-6)
 
   # other targets where the weight is 0 (prompt and padding): loss and gradient unchanged
-  loss_and_grad = jax.value_and_grad(lambda p, b: objective(p, {}, b, None, False)[0])
+  loss_and_grad = jax.jit(jax.value_and_grad(lambda p, b: objective(p, {}, b, None, False)[0]))
   perturbed = dict(rows, targets=np.where(w > 0, rows['targets'], (rows['targets'] + 7) % 256))
   assert (perturbed['targets'] != rows['targets']).any()
   (l0, g0), (l1, g1) = loss_and_grad(params, rows), loss_and_grad(params, perturbed)
@@ -150,8 +150,8 @@ def test_dpo_is_log_2_at_the_reference_and_matches_numpy():
   batch = _preference_batch()
   beta, smoothing = 0.5, 0.1
   objective = dpo.dpo(model, model, beta, smoothing)
-  mean_loss = lambda p: (lambda t, c, _: t / c)(*objective(p, {'reference': reference}, batch,
-                                                           None, False))
+  mean_loss = jax.jit(lambda p: (lambda t, c, _: t / c)(*objective(
+      p, {'reference': reference}, batch, None, False)))
   np.testing.assert_allclose(float(mean_loss(reference)), np.log(2), rtol=1e-6)
 
   rows = objectives.pair_rows(batch)
@@ -161,11 +161,11 @@ def test_dpo_is_log_2_at_the_reference_and_matches_numpy():
   np.testing.assert_allclose(float(mean_loss(policy)), expected, rtol=1e-5)
 
   # gradient: the chain rule through each sequence's log-probability, in NumPy
-  row_grads = [jax.grad(lambda p, i=i: dpo.sequence_logps(
-      model, {'params': p}, rows, False)[i])(policy) for i in range(4)]
-  expected_grad = jax.tree.map(lambda *g: sum(w * np.asarray(x, np.float64) for w, x in
-                                              zip(d_loss_d_logp.reshape(-1), g)), *row_grads)
-  grad = jax.grad(mean_loss)(policy)
+  row_grads = jax.jit(jax.jacrev(lambda p: dpo.sequence_logps(model, {'params': p}, rows,
+                                                               False)))(policy)   # 4 x ...
+  expected_grad = jax.tree.map(lambda g: np.tensordot(d_loss_d_logp.reshape(-1),
+                                                      np.asarray(g, np.float64), 1), row_grads)
+  grad = jax.jit(jax.grad(mean_loss))(policy)
   assert_trees_close(grad, expected_grad, rtol=2e-4, atol=1e-6)
 
 
