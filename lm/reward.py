@@ -2,7 +2,6 @@
 model's score of each line's {"prompt", "response"} (the response may be absent, or named
 "completion" as `lm.sample --out` writes it), one number per line, in order."""
 import argparse
-import json
 import sys
 
 import jax
@@ -17,21 +16,9 @@ from lm.post import reward as reward_lib
 def read_pairs(path: str) -> list[tuple[str, str]]:
   """(prompt, response) of each JSONL line; file:line on a bad one."""
   pairs = []
-  try:
-    lines = open(path, encoding='utf-8').read().splitlines()
-  except OSError as e:
-    raise ConfigError(f'--prompts_file: {e}') from None
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      example = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f'--prompts_file: {path}:{number}: not JSON ({e})') from None
-    response = example.get('response', example.get('completion', '')) if isinstance(
-        example, dict) else None
-    if not isinstance(example, dict) or not isinstance(example.get('prompt'), str) or not (
-        isinstance(response, str)):
+  for number, example in post_data.read_jsonl(path, '--prompts_file'):
+    response = example.get('response', example.get('completion', ''))
+    if not isinstance(example.get('prompt'), str) or not isinstance(response, str):
       raise ConfigError(f'--prompts_file: {path}:{number}: needs a string "prompt" (and a '
                         'string "response" or "completion" if any)')
     pairs.append((example['prompt'], response))

@@ -255,25 +255,13 @@ def main(argv: list[str]) -> None:
 
 def read_prompts(path: str) -> list[str]:
   """The "prompt" field of each line of a JSONL file (file:line on error)."""
-  import json
-
   from lm.config import ConfigError
+  from lm.post import data as post_data
   prompts = []
-  try:
-    lines = open(path, encoding='utf-8').read().splitlines()
-  except OSError as e:
-    raise ConfigError(f'--prompts_file: {e}') from None
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      prompt = json.loads(line)['prompt']
-    except (json.JSONDecodeError, KeyError, TypeError):
-      prompt = None
-    if not isinstance(prompt, str):
-      raise ConfigError(f'--prompts_file: {path}:{number}: not a JSON object with a string '
-                        '"prompt"')
-    prompts.append(prompt)
+  for number, example in post_data.read_jsonl(path, '--prompts_file'):
+    if not isinstance(example.get('prompt'), str):
+      raise ConfigError(f'--prompts_file: {path}:{number}: no string "prompt"')
+    prompts.append(example['prompt'])
   return prompts
 
 

@@ -197,10 +197,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
   config, data, program, state, run = resume_or_start(config, workdir, ckpt)
   t, start_step = config.train, int(state.step)
   writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main)
+  rollouts = rl.Rollouts(config, program, data) if t.objective in ('grpo', 'ppo') else None
   bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
                   dynamic_ncols=True, mininterval=1.0)
   logger = Logger(config, program, writer, bar, start_step)
-  rollouts = rl.Rollouts(config, program, data) if t.objective in ('grpo', 'ppo') else None
   evaluate_on = functools.partial(_evaluate, program, data, rollouts, t.eval_batch_size)
   val = None
   for step in range(start_step + 1, t.steps + 1):

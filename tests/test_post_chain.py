@@ -4,12 +4,16 @@ task, the reward model ranks held-out pairs, DPO and GRPO raise the rate of righ
 the model samples, PPO runs against the reward model, and LoRA-SFT comes close to full SFT
 while training under 5% of the parameters."""
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
 from lm.post import tasks
-from tests.test_train import read_metrics, run_main
+from tests.test_train import ROOT, read_metrics, run_main
 
 STAGES = ('pretrain', 'sft', 'lora_sft', 'reward', 'dpo', 'grpo', 'ppo')
 
@@ -34,7 +38,8 @@ def held_out(chain):
   """Exact-match rates (greedy and sampled) of every stage on the test prompts."""
   runs, data = chain
   examples = tasks.heldout(data, 'test')
-  return {stage: tasks.evaluate(str(runs[stage][0]), examples) for stage in runs}
+  return {stage: tasks.evaluate(str(runs[stage][0]), examples) for stage in runs
+          if stage != 'reward'}
 
 
 def _final(runs, stage) -> dict:
@@ -51,10 +56,11 @@ def test_reward_model_ranks_held_out_pairs(chain):
   assert _final(runs, 'reward')['test_accuracy'] >= 0.9
 
 
-@pytest.mark.parametrize('stage', ['dpo', 'grpo'])
+@pytest.mark.parametrize('stage', ['dpo', 'grpo', 'ppo'])
 def test_preference_tuning_raises_the_rate_of_right_answers(held_out, stage):
   """SFT learned from demonstrations of which 30% are wrong and samples wrong answers often;
-  DPO (preference pairs) and GRPO (exact-match reward) make it sample right ones."""
+  DPO (preference pairs), GRPO (exact-match reward) and PPO (the reward model) make it
+  sample right ones."""
   before, after = held_out['sft']['sampled_exact_match'], held_out[stage]['sampled_exact_match']
   assert after > before + 0.15, (before, after)
   assert held_out[stage]['exact_match'] >= held_out['sft']['exact_match'] - 0.02
@@ -78,3 +84,54 @@ def test_lora_sft_comes_close_to_full_sft_with_few_parameters(chain, held_out):
   assert float(percent) < 5
   assert int(trained.replace(',', '')) < 0.05 * int(total.replace(',', ''))
   assert held_out['lora_sft']['exact_match'] >= held_out['sft']['exact_match'] - 0.05
+
+
+def _command(module: str, *args: str):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return subprocess.run([sys.executable, '-m', module, *map(str, args)], capture_output=True,
+                        text=True, env=env, cwd=ROOT)
+
+
+def test_sample_reward_and_export_commands(chain, held_out, tmp_path):
+  runs, data = chain
+  examples = tasks.heldout(data, 'test')[:20]
+  prompts = tmp_path / 'prompts.jsonl'
+  prompts.write_text(''.join(json.dumps({'prompt': ex['prompt']}) + '\n' for ex in examples))
+  out = tmp_path / 'completions.jsonl'
+  sampled = _command('lm.sample', '--workdir', runs['sft'][0], '--prompts_file', prompts,
+                     '--greedy', '--max_new_tokens', 5, '--stop', '\n', '--out', out)
+  assert sampled.returncode == 0, sampled.stderr[-2000:]
+  lines = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [line['prompt'] for line in lines] == [ex['prompt'] for ex in examples]
+  assert sum(line['completion'] == ex['answer'] for line, ex in zip(lines, examples)) >= 18
+
+  pairs = tmp_path / 'pairs.jsonl'
+  pairs.write_text(''.join(json.dumps({'prompt': ex['prompt'], 'response': answer + '\n'}) + '\n'
+                           for ex in examples for answer in (ex['answer'], ex['prompt'][3:7])))
+  scored = _command('lm.reward', '--workdir', runs['reward'][0], '--prompts_file', pairs)
+  assert scored.returncode == 0, scored.stderr[-2000:]
+  scores = [float(x) for x in scored.stdout.split()]
+  assert len(scores) == 40   # right answer, then the digits copied unreversed
+  assert sum(right > copied for right, copied in zip(scores[::2], scores[1::2])) >= 18
+
+  refused = _command('lm.export', '--workdir', runs['lora_sft'][0], '--out', tmp_path / 'x')
+  assert refused.returncode == 2 and '--merge_lora' in refused.stderr
+  merged = tmp_path / 'merged'
+  exported = _command('lm.export', '--workdir', runs['lora_sft'][0], '--out', merged,
+                      '--merge_lora')
+  assert exported.returncode == 0, exported.stderr[-2000:]
+  assert tasks.evaluate(str(merged), tasks.heldout(data, 'test')) == held_out['lora_sft']
+
+
+def test_rl_refuses_a_reward_model_of_another_vocabulary(chain, tfds_dir, tmp_path):
+  runs, data = chain
+  other = tmp_path / 'other_reward'
+  shutil.copytree(runs['reward'][0], other)
+  saved = json.loads((other / 'tokenizer.json').read_text())
+  (other / 'tokenizer.json').write_text(json.dumps({**saved, 'chars': saved['chars'] + 'z'}))
+  result = run_main(tmp_path / 'ppo', f'--config.data.dir={tfds_dir}',
+                    f'--config.rl.reward=model:{other}', check=False,
+                    config=f'experiments/reverse.py:ppo,data={data},runs={runs["sft"][0].parent}')
+  assert result.returncode == 2
+  assert re.search(r'error: config.rl.reward=model:.*other_reward: its vocabulary .* differs '
+                   r"from the policy's", result.stderr.strip().splitlines()[-1])

@@ -29,24 +29,34 @@ from lm.data import local_text, pipeline, sources, tokenizers
 FIELDS = {'preference': ('prompt', 'chosen', 'rejected'), 'prompt': ('prompt',)}
 
 
+def read_jsonl(path: str, field: str) -> list[tuple[int, dict]]:
+  """(line number, object) of each non-empty line; ConfigError naming `field`, the file and
+  the line for one that is not a JSON object."""
+  try:
+    lines = open(path, encoding='utf-8').read().splitlines()
+  except OSError as e:
+    raise ConfigError(f'{field}: {e}') from None
+  objects = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f'{field}: {path}:{number}: not JSON ({e})') from None
+    if not isinstance(obj, dict):
+      raise ConfigError(f'{field}: {path}:{number}: not a JSON object')
+    objects.append((number, obj))
+  return objects
+
+
 def read_examples(path: str, fmt: str) -> list[dict]:
   """Every line of a JSONL file, checked for the format's fields (file:line on error)."""
   sources.check_text_file(epath.Path(path), 'config.data.source')
-  examples = []
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'config.data.source: {path}:{number}'
-      try:
-        example = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ConfigError(f'{where}: not JSON ({e})') from None
-      if not isinstance(example, dict):
-        raise ConfigError(f'{where}: not a JSON object')
-      _check(example, fmt, where)
-      examples.append(example)
-  return examples
+  examples = read_jsonl(path, 'config.data.source')
+  for number, example in examples:
+    _check(example, fmt, f'config.data.source: {path}:{number}')
+  return [example for _, example in examples]
 
 
 def _check(example: dict, fmt: str, where: str) -> None:
