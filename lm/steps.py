@@ -86,6 +86,7 @@ class Program:
   before stepping (from `init_frozen`, or loaded from config.train.init_from)."""
   model: model_lib.Transformer
   model_config: model_lib.ModelConfig
+  reference: model_lib.Transformer   # the frozen reference's model (no heads, no adapters)
   objective: objectives.Objective
   tx: optax.GradientTransformation
   schedule: optax.Schedule
@@ -181,9 +182,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
   step_fn = functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
                               accum_steps=config.train.grad_accum_steps)
   return Program(
-      model=model, model_config=model_config, objective=objective, tx=tx, schedule=schedule,
-      mesh=mesh, rules=rules, state_sharding=state_sharding, batch_sharding=batch_sharding,
-      abstract_state=abstract_state,
+      model=model, model_config=model_config, reference=reference, objective=objective, tx=tx,
+      schedule=schedule, mesh=mesh, rules=rules, state_sharding=state_sharding,
+      batch_sharding=batch_sharding, abstract_state=abstract_state,
       abstract_frozen=with_shardings(nn.unbox(boxed_frozen), frozen_sharding),
       init=sharding.with_mesh(jax.jit(init, out_shardings=state_sharding), mesh, rules),
       init_frozen=sharding.with_mesh(jax.jit(init_frozen, out_shardings=frozen_sharding),

@@ -123,14 +123,12 @@ class Rollouts:
                           "config.train.objective is not 'reward')")
       self.score_rewards = program.in_mesh(jax.jit(lambda v, s: reward_lib.last_scores(
           self.reward_run.model, v, s)))
-    reference = model_lib.Transformer(dataclasses.replace(
-        program.model_config, scalar_head=False, lora_rank=0))
 
     def score(params, frozen, seqs):
       logp, _, values = objectives.token_logps(program.model, objectives.policy_variables(
           params, frozen), seqs, False, None, scores=self.ppo)
-      ref = objectives.token_logps(reference, objectives.reference_variables(frozen), seqs,
-                                   False, None)[0]
+      ref = objectives.token_logps(program.reference, objectives.reference_variables(frozen),
+                                   seqs, False, None)[0]
       return logp, ref, jnp.zeros_like(logp) if values is None else values
     self.score = program.in_mesh(jax.jit(score, out_shardings=jax.sharding.NamedSharding(
         program.mesh, jax.sharding.PartitionSpec())))
