@@ -29,9 +29,20 @@ def _model(scalar_head=False, **overrides):
   return model_lib.Transformer(cfg)
 
 
+_JITTED = {}
+
+
+def _apply(model, variables, tokens, **kwargs):
+  """model.apply, jitted once per model (eager Flax is slow on CPU)."""
+  if id(model) not in _JITTED:
+    _JITTED[id(model)] = (model, jax.jit(model.apply, static_argnames=('scores',)))
+  return _JITTED[id(model)][1](variables, tokens, **kwargs)
+
+
 def _params(model, seed=0, scale=4.0):
   """Parameters larger than init, so that logits differ clearly between positions."""
-  variables = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32)))
+  variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed),
+                                            jnp.zeros((1, 8), jnp.int32)))
   return jax.tree.map(lambda x: x * scale + 0.01 * seed, variables['params'])
 
 
@@ -43,7 +54,7 @@ def _log_softmax(logits):
 
 def _token_logps(model, params, tokens):
   """NumPy log p(tokens[:, j] | tokens[:, :j]), j = 1 .. T-1, from the model's logits."""
-  logp_all = _log_softmax(model.apply({'params': params}, tokens))[:, :-1]
+  logp_all = _log_softmax(_apply(model, {'params': params}, tokens))[:, :-1]
   return np.take_along_axis(logp_all, np.asarray(tokens)[:, 1:, None], -1)[..., 0]
 
 
@@ -74,7 +85,7 @@ def test_sft_loss_is_the_masked_mean_and_prompt_targets_count_for_nothing():
                    seq_len=8, pack=False)
   objective = objectives.next_token(model)
   total, count, _ = objective(params, {}, rows, None, False)
-  logits = model.apply({'params': params}, rows['inputs'], positions=rows['positions'],
+  logits = _apply(model, {'params': params}, rows['inputs'], positions=rows['positions'],
                        segments=rows['segments'])
   nll = -np.take_along_axis(_log_softmax(logits), rows['targets'][..., None], -1)[..., 0]
   w = rows['weights']
@@ -98,7 +109,7 @@ def test_packed_examples_do_not_attend_to_each_other(overrides):
   first, second = {'prompt': 'abc', 'response': 'de'}, {'prompt': 'fg', 'response': 'hij'}
   packed = _sft_rows([first, second])
   alone = _sft_rows([second])
-  logits = lambda r: np.asarray(model.apply({'params': params}, r['inputs'],
+  logits = lambda r: np.asarray(_apply(model, {'params': params}, r['inputs'],
                                             positions=r['positions'], segments=r['segments']))
   n = int((alone['segments'][0] > 0).sum())
   start = int((packed['segments'][0] == 1).sum())
@@ -128,7 +139,7 @@ def test_bradley_terry_reads_the_last_real_token():
   batch = _preference_batch()
   total, count, metrics = reward.bradley_terry(model)(params, {}, batch, None, False)
   rows = objectives.pair_rows(batch)
-  _, scores = model.apply({'params': params}, rows['tokens'], scores=True)
+  _, scores = _apply(model, {'params': params}, rows['tokens'], scores=True)
   r = np.asarray(scores)[np.arange(4), rows['lengths'] - 1].reshape(2, 2)
   margin = r[:, 0] - r[:, 1]
   np.testing.assert_allclose(float(total), np.log1p(np.exp(-margin)).sum(), rtol=1e-5)
@@ -197,7 +208,7 @@ def test_policy_gradient_losses_match_numpy(ppo):
   total, count, metrics = rl.policy_gradient(model, model, settings, value=ppo)(
       params, {}, batch, None, False)
 
-  out = model.apply({'params': params}, batch['tokens'], scores=ppo)
+  out = _apply(model, {'params': params}, batch['tokens'], scores=ppo)
   logits, values = out if ppo else (out, None)
   logp_all = _log_softmax(logits)[:, :-1]
   logp = np.take_along_axis(logp_all, batch['tokens'][:, 1:, None], -1)[..., 0]
@@ -260,7 +271,8 @@ def test_group_advantages_and_gae_match_a_direct_computation():
 
 def _lora_variables(model_config, seed=0):
   model = model_lib.Transformer(model_config)
-  variables = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32)))
+  variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed),
+                                            jnp.zeros((1, 8), jnp.int32)))
   return model, variables
 
 
@@ -274,16 +286,16 @@ def test_lora_is_the_base_model_at_init_and_merges_exactly(scan):
   tokens = random_batch(2, 16)['inputs']
   adapted = jax.tree_util.tree_flatten_with_path(variables['lora'])[0]
   assert len(adapted) == 2 * 5 * (1 if scan else base_cfg.n_layers)   # a, b of q kv o wi wo
-  np.testing.assert_array_equal(model.apply(variables, tokens),
-                                base.apply({'params': variables['params']}, tokens))
+  np.testing.assert_array_equal(_apply(model, variables, tokens),
+                                _apply(base, {'params': variables['params']}, tokens))
 
   trained = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
                          variables['lora'])   # b no longer zero
   merged = peft.merge_lora(variables['params'], trained, cfg.lora_alpha, cfg.lora_rank)
   with jax.default_matmul_precision('highest'):
-    unmerged_logits = model.apply({'params': variables['params'], 'lora': trained}, tokens)
-    merged_logits = base.apply({'params': merged}, tokens)
-  assert np.abs(np.asarray(unmerged_logits - base.apply(
+    unmerged_logits = _apply(model, {'params': variables['params'], 'lora': trained}, tokens)
+    merged_logits = _apply(base, {'params': merged}, tokens)
+  assert np.abs(np.asarray(unmerged_logits - _apply(base,
       {'params': variables['params']}, tokens))).max() > 1e-3
   np.testing.assert_allclose(merged_logits, unmerged_logits, rtol=1e-5, atol=1e-6)
 

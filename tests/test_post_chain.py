@@ -15,7 +15,8 @@ import pytest
 from lm.post import tasks
 from tests.test_train import ROOT, read_metrics, run_main
 
-STAGES = ('pretrain', 'sft', 'lora_sft', 'reward', 'dpo', 'grpo', 'ppo')
+# stages of one wave depend only on earlier waves: they run side by side
+WAVES = (('pretrain',), ('sft', 'lora_sft'), ('reward', 'dpo', 'grpo'), ('ppo',))
 
 
 @pytest.fixture(scope='module')
@@ -24,12 +25,21 @@ def chain(tmp_path_factory, tfds_dir):
   root = tmp_path_factory.mktemp('reverse')
   data, runs = root / 'data', root / 'runs'
   tasks.make(str(data))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   out = {}
-  for stage in STAGES:
-    extra = ['--config.train.log_every=1'] if stage in ('grpo', 'ppo') else []
-    result = run_main(runs / stage, f'--config.data.dir={tfds_dir}', *extra,
-                      config=f'experiments/reverse.py:{stage},data={data},runs={runs}')
-    out[stage] = (runs / stage, result.stdout)
+  for wave in WAVES:
+    started = {}
+    for stage in wave:
+      extra = ['--config.train.log_every=1'] if stage in ('grpo', 'ppo') else []
+      started[stage] = subprocess.Popen(
+          [sys.executable, '-m', 'lm.main', '--config',
+           f'experiments/reverse.py:{stage},data={data},runs={runs}', '--workdir',
+           str(runs / stage), f'--config.data.dir={tfds_dir}', *extra],
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    for stage, process in started.items():
+      stdout, stderr = process.communicate()
+      assert process.returncode == 0, f'{stage}: exit {process.returncode}\n{stderr[-3000:]}'
+      out[stage] = (runs / stage, stdout)
   return out, str(data)
 
 

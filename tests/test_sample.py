@@ -1,6 +1,7 @@
 """Sampling: filters on crafted distributions against a NumPy statement of each rule; the KV
 cache against recomputing the whole window."""
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -78,7 +79,7 @@ def _model_and_variables(style: str, vocab_size: int = 64):
                                           vocab_size=vocab_size), None)
   cfg = model_lib.ModelConfig.from_config(config.model)
   model = model_lib.Transformer(cfg)
-  variables = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
   # larger than init so that logits differ clearly between positions (init std is 0.02)
   variables = jax.tree.map(lambda x: x * 8.0, variables)
   return cfg, model, variables
@@ -86,8 +87,13 @@ def _model_and_variables(style: str, vocab_size: int = 64):
 
 def _generate(cfg, variables, settings, rng, return_logits=False, vocab_size=64):
   padded = sample.left_padded(PROMPTS, cfg.max_len - settings.max_new_tokens)
-  return padded, sample.generate(sample.decoder(cfg), variables, padded, rng, settings,
-                                 vocab_size, return_logits=return_logits)
+  return padded, _generator(cfg, settings, vocab_size, return_logits)(variables, padded, rng)
+
+
+@functools.lru_cache
+def _generator(cfg, settings, vocab_size: int, return_logits: bool):
+  return jax.jit(lambda v, p, r: sample.generate(sample.decoder(cfg), v, p, r, settings,
+                                                 vocab_size, return_logits=return_logits))
 
 
 @pytest.mark.parametrize('style', ['gpt', 'llama'])
@@ -99,9 +105,10 @@ def test_cached_logits_equal_a_full_recompute_at_every_step(style):
   _, (new, lengths, logits_NxBxV) = _generate(cfg, variables, settings, jax.random.PRNGKey(3),
                                                return_logits=True)
   np.testing.assert_array_equal(lengths, [6] * len(PROMPTS))
+  apply = jax.jit(model.apply)
   for b, prompt in enumerate(PROMPTS):
     sequence = np.concatenate([prompt, np.asarray(new[b])])[None]
-    full_LxV = np.asarray(model.apply(variables, sequence)[0])
+    full_LxV = np.asarray(apply(variables, sequence)[0])
     for i in range(settings.max_new_tokens):
       np.testing.assert_allclose(logits_NxBxV[i, b], full_LxV[len(prompt) - 1 + i],
                                  rtol=1e-5, atol=1e-5, err_msg=f'prompt {b}, token {i}')
