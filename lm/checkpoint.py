@@ -12,6 +12,7 @@ saves are not refused, and a directory where no checkpoint restores is an error.
 """
 import json
 import logging
+import os
 
 import grain
 import jax
@@ -193,11 +194,17 @@ class Checkpointer:
     self.manager.close()
 
 
+def absolute(path) -> epath.Path:
+  """`path` made absolute: Orbax refuses relative paths (gs:// ones are absolute)."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else epath.Path(os.path.abspath(path))
+
+
 def warm_start_dirs(init_from: str, field: str = 'config.train.init_from'
                     ) -> tuple[epath.Path, epath.Path]:
   """(run directory, checkpoint step directory) of a run directory (its newest checkpoint)
   or one of its checkpoints/STEP directories."""
-  path = epath.Path(init_from)
+  path = absolute(init_from)
   if (path / 'state').exists():
     return path.parent.parent, path
   steps = [int(p.name) for p in (path / 'checkpoints').glob('*') if p.name.isdigit()]

@@ -6,10 +6,12 @@ number a run used; `validate()` rejects bad input with one line naming the field
 anything compiles.
 """
 import difflib
+import json
 import math
 import os
 
 import ml_collections
+from etils import epath
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'stage')
 OPTIMIZERS = ('adamw', 'adam', 'adafactor', 'lion', 'sgd')
@@ -70,7 +72,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       # where prepared data goes (TFDS array_record files, token files, downloads of tfds:NAME
       # sources); '' : DEFAULT_DATA_DIR. Shared by runs: prepared once per corpus and tokenizer.
       dir='',
-      tokenizer='char',       # one of TOKENIZERS
+      tokenizer='char',       # one of TOKENIZERS, or hf:PATH (a Hugging Face tokenizer.json)
       spm_vocab_size=1024,    # for spm_* tokenizers, trained on the train split
       seq_len=64,
       packing='window',       # 'window': random windows of a token stream; 'pack': streamed docs
@@ -199,6 +201,20 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int | None) -> ml_collecti
   return c
 
 
+def saved(directory) -> ml_collections.ConfigDict:
+  """A run directory's config.json over the base config (keys added since it was written
+  keep their defaults), with JSON lists back as tuples."""
+  as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, list) else v
+  config = get_base_config()
+  path = epath.Path(directory) / 'config.json'
+  if not path.exists():
+    raise ConfigError(f'{directory}: no config.json (not a run directory)')
+  for section, values in json.loads(path.read_text()).items():
+    for key, value in values.items():
+      config[section][key] = as_tuple(value)
+  return config
+
+
 def _one_of(field: str, value, allowed) -> None:
   if value not in allowed:
     close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
@@ -259,7 +275,8 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
   _one_of('model.positions', m.positions, ('learned', 'rope'))
   _one_of('model.norm', m.norm, ('layernorm', 'rmsnorm'))
   _one_of('model.mlp', m.mlp, ('gelu', 'swiglu'))
-  _one_of('data.tokenizer', d.tokenizer, TOKENIZERS)
+  if not (d.tokenizer.startswith('hf:') and len(d.tokenizer) > 3):
+    _one_of('data.tokenizer', d.tokenizer, TOKENIZERS + ('hf:PATH',))
   _one_of('data.packing', d.packing, PACKINGS)
   _one_of('data.format', d.format, DATA_FORMATS)
   _one_of('data.overlong', d.overlong, ('truncate', 'error'))

@@ -6,12 +6,10 @@ import argparse
 import sys
 
 import jax
-import orbax.checkpoint as ocp
 from etils import epath
 
 from lm import peft, runs
 from lm.config import ConfigError
-from lm.data import tokenizers
 
 
 def export(workdir: str, out: str, merge_lora: bool) -> epath.Path:
@@ -24,22 +22,14 @@ def export(workdir: str, out: str, merge_lora: bool) -> epath.Path:
                         'them into the base kernels')
     params = peft.merge_lora(params, run.variables['lora'], run.config.lora.alpha,
                              run.config.lora.rank)
-  target = epath.Path(out)
-  if (target / 'checkpoints').exists():
-    raise ConfigError(f'--out={out} already holds checkpoints')
   config = run.config
   config.lora.rank = 0
   config.train.init_from = ''
   # the layers are now in logical order on one device: no circular-pipeline layout
   config.model.pipeline_repeats = 1
   config.mesh.shape = (-1, 1, 1, 1)
-  target.mkdir(parents=True, exist_ok=True)
-  (target / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  tokenizers.copy(run.step_dir.parent.parent / 'tokenizer.json', target / 'tokenizer.json')
-  step_dir = target / 'checkpoints' / run.step_dir.name
-  checkpointer = ocp.PyTreeCheckpointer()
-  checkpointer.save(step_dir / 'state', {'params': jax.device_get(params)})
-  return step_dir
+  return runs.write(epath.Path(out), config, jax.device_get(params), run.tokenizer,
+                    int(run.step_dir.name))
 
 
 def main(argv: list[str]) -> None:

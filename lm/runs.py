@@ -1,7 +1,6 @@
 """A run directory read back for use: its config, tokenizer, model and trained variables (for
 sampling, scoring with a reward model, export, and as RL's reward)."""
 import dataclasses
-import json
 
 import jax
 import ml_collections
@@ -33,7 +32,7 @@ def load(run_dir: str, field: str, mesh: jax.sharding.Mesh | None = None) -> Run
   directory, step_dir = checkpoint.warm_start_dirs(run_dir, field)
   if not (directory / 'config.json').exists():
     raise ConfigError(f'{field}={run_dir}: no config.json in {directory}')
-  config = saved_config(directory)
+  config = config_lib.saved(directory)
   stages = config.mesh.shape[3] if config.mesh.shape[3] > 0 else 1
   config.mesh.shape = (1, 1, 1, 1)
   mesh = mesh or sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1])
@@ -50,15 +49,20 @@ def load(run_dir: str, field: str, mesh: jax.sharding.Mesh | None = None) -> Run
   return Run(config, tokenizer, program.model_config, program.model, variables, step_dir)
 
 
-def saved_config(directory: epath.Path) -> ml_collections.ConfigDict:
-  """A run's config.json over the base config (keys added since it was written keep their
-  defaults), with JSON lists back as tuples."""
-  as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, list) else v
-  config = config_lib.get_base_config()
-  for section, values in json.loads((directory / 'config.json').read_text()).items():
-    for key, value in values.items():
-      config[section][key] = as_tuple(value)
-  return config
+def write(target: epath.Path, config: ml_collections.ConfigDict, params, tokenizer,
+          step: int) -> epath.Path:
+  """A plain run directory (config.json, tokenizer, checkpoints/STEP/state with the
+  parameters only) that config.train.init_from, `lm.sample` and evaluation read; returns
+  the checkpoint's directory."""
+  target = checkpoint.absolute(target)
+  if (target / 'checkpoints').exists():
+    raise ConfigError(f'{target} already holds checkpoints')
+  target.mkdir(parents=True, exist_ok=True)
+  (target / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  tokenizer.save(target / 'tokenizer.json')
+  step_dir = target / 'checkpoints' / str(step)
+  ocp.PyTreeCheckpointer().save(step_dir / 'state', {'params': params})
+  return step_dir
 
 
 def load_frozen(directory: epath.Path, program: steps.Program, only=None) -> dict:

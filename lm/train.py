@@ -2,7 +2,6 @@
 import functools
 import json
 import math
-import os
 import time
 
 import jax
@@ -15,6 +14,7 @@ from etils import epath
 from lm import checkpoint, runs, sample, sharding, steps
 from lm import config as config_lib
 from lm import metrics as metrics_lib
+from lm.config import ConfigError
 from lm.data import pipeline
 from lm.post import rl
 
@@ -51,6 +51,9 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path | None,
   data = pipeline.make_data(config, workdir, functools.partial(sharding.process_rows, mesh),
                             tokenizer_from)
   config = config_lib.resolve(config, data.tokenizer.vocab_size)
+  if config.model.vocab_size < data.tokenizer.vocab_size:
+    raise ConfigError(f'config.model.vocab_size={config.model.vocab_size} is smaller than the '
+                      f'{config.data.tokenizer!r} tokenizer\'s {data.tokenizer.vocab_size} tokens')
   config_lib.validate(config, device_count)
   return config, data, steps.build(config, mesh)
 
@@ -186,9 +189,7 @@ def _trainable_summary(program: steps.Program, state) -> str:
 def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[str, float]:
   """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
   start_time = time.perf_counter()
-  workdir = epath.Path(workdir)
-  if not workdir.is_absolute():   # Orbax needs absolute paths (gs:// ones are)
-    workdir = epath.Path(os.path.abspath(workdir))
+  workdir = checkpoint.absolute(workdir)
   is_main = jax.process_index() == 0
   config_lib.validate(config_lib.resolve(config, None), jax.device_count())  # before any I/O
   t = config.train

@@ -1,4 +1,5 @@
-"""Tokenizers built from the corpus and saved in the workdir: characters, bytes, SentencePiece.
+"""Tokenizers saved in the workdir: characters, bytes, SentencePiece (built from the corpus),
+or a Hugging Face `tokenizer.json` (`hf:PATH`, an imported model's own vocabulary).
 
 `load_or_build` reuses the file saved by an earlier run of the same workdir, so a resumed run
 tokenizes exactly as the interrupted one did.
@@ -11,6 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers as hf_tokenizers
 from etils import epath
 
 from lm.config import ConfigError
@@ -104,6 +106,72 @@ class SentencePieceTokenizer:
                                 'model': path.with_suffix('.model').name}))
 
 
+class HuggingFaceTokenizer:
+  """A Hugging Face fast tokenizer (`tokenizer.json`, through the `tokenizers` package).
+
+  Text is encoded without the special tokens the tokenizer's post-processor would add (a
+  Llama BOS), so that pieces of an example (prompt, response) concatenate exactly; the BOS /
+  EOS / pad ids are those of the model directory (config.json, else tokenizer_config.json)."""
+  kind = 'hf'
+  SPECIAL = ('bos', 'eos', 'pad')
+
+  def __init__(self, spec: bytes, special_ids: dict[str, int | None]):
+    self.spec, self.special_ids = spec, special_ids
+    self._tokenizer = hf_tokenizers.Tokenizer.from_str(spec.decode('utf-8'))
+    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    self.bos_id, self.eos_id, self.pad_id = (special_ids.get(f'{k}_id') for k in self.SPECIAL)
+    self.fingerprint = _fingerprint(spec + json.dumps(special_ids, sort_keys=True).encode())
+
+  @classmethod
+  def from_path(cls, path: str) -> 'HuggingFaceTokenizer':
+    """From a `tokenizer.json`, or a directory holding one (and the model's config.json /
+    tokenizer_config.json, which name the special tokens)."""
+    path = epath.Path(path)
+    file = path / 'tokenizer.json' if path.is_dir() else path
+    if not file.exists():
+      raise ConfigError(f'hf:{path}: no tokenizer.json there (save the tokenizer with '
+                        'transformers\' save_pretrained to get one)')
+    try:
+      tokenizer = cls(file.read_bytes(), {})
+    except Exception as e:   # the tokenizers package raises its own exception type
+      raise ConfigError(f'hf:{path}: {file} is not a tokenizer.json: {e}') from None
+    return cls(tokenizer.spec, tokenizer.special_ids_from(file.parent))
+
+  def special_ids_from(self, directory: epath.Path) -> dict[str, int | None]:
+    model = _json_or_empty(directory / 'config.json')
+    names = _json_or_empty(directory / 'tokenizer_config.json')
+    ids = {}
+    for k in self.SPECIAL:
+      value = model.get(f'{k}_token_id')
+      if isinstance(value, list):   # several EOS ids: the first ends our samples
+        value = value[0] if value else None
+      if value is None:
+        token = names.get(f'{k}_token')
+        token = token.get('content') if isinstance(token, dict) else token
+        value = self._tokenizer.token_to_id(token) if token else None
+      ids[f'{k}_id'] = value
+    return ids
+
+  def token(self, i: int | None) -> str | None:
+    return None if i is None else self._tokenizer.id_to_token(i)
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def decode(self, ids) -> str:
+    return self._tokenizer.decode([i for i in np.asarray(ids).tolist() if i < self.vocab_size],
+                                  skip_special_tokens=False)
+
+  def save(self, path: epath.Path) -> None:
+    path.with_suffix('.hf.json').write_bytes(self.spec)
+    path.write_text(json.dumps({'kind': 'hf', 'model': path.with_suffix('.hf.json').name,
+                                **self.special_ids}))
+
+
+def _json_or_empty(path: epath.Path) -> dict:
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _fingerprint(spec: bytes) -> str:
   """A short hash of what the tokenizer maps: names its token files."""
   return hashlib.sha1(spec).hexdigest()[:12]
@@ -116,18 +184,26 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
         yield line
 
 
+def family(kind: str) -> str:
+  """config.data.tokenizer without the path of an hf:PATH (a saved one no longer reads it)."""
+  return 'hf' if kind.startswith('hf:') else kind
+
+
 def load(path: epath.Path, kind: str):
   """The tokenizer saved at `path`, which must be of the configured `kind`."""
   spec = json.loads(path.read_text())
-  saved = spec['kind'] if spec['kind'] in ('char', 'byte') else spec.get(
+  saved = spec['kind'] if spec['kind'] in ('char', 'byte', 'hf') else spec.get(
       'config', kind if kind.startswith('spm') else 'sentencepiece')   # older files: no 'config'
-  if saved != kind:
+  if saved != family(kind):
     raise ConfigError(f'config.data.tokenizer={kind!r}, but {path} holds a {saved!r} tokenizer '
                       '(runs keep the tokenizer they started with)')
   if kind == 'char':
     return CharTokenizer(spec['chars'])
   if kind == 'byte':
     return ByteTokenizer()
+  if saved == 'hf':
+    special = {k: v for k, v in spec.items() if k.endswith('_id')}
+    return HuggingFaceTokenizer((path.parent / spec['model']).read_bytes(), special)
   return SentencePieceTokenizer((path.parent / spec['model']).read_bytes(), kind)
 
 
@@ -152,6 +228,8 @@ def load_or_build(kind: str, texts: Iterable[str], spm_vocab_size: int,
     tokenizer = CharTokenizer.build(texts)
   elif kind == 'byte':
     tokenizer = ByteTokenizer()
+  elif kind.startswith('hf:'):
+    tokenizer = HuggingFaceTokenizer.from_path(kind.removeprefix('hf:'))
   else:
     tokenizer = SentencePieceTokenizer.train(texts, spm_vocab_size, kind.removeprefix('spm_'))
   if path is not None:
