@@ -7,7 +7,15 @@ import jax
 import jax.numpy as jnp
 
 
-def reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, mask_BxLxM=None):
+def window_mask(query_index_L, key_index_M, window: int):
+  """L x M: which keys lie among the `window` positions up to each query (itself included).
+  Indices within one sequence; with segment ids masking the rest, that is positions."""
+  offset_LxM = query_index_L[:, None] - key_index_M[None, :]
+  return (offset_LxM >= 0) & (offset_LxM < window)
+
+
+def reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, mask_BxLxM=None,
+                        window: int | None = None):
   """Softmax(q k^T / sqrt(Dh)) v written out with einsums: the test oracle, and on CPU the
   fastest choice for short contexts (fewer, larger ops than jax.nn.dot_product_attention's
   grouped 5-D layout, whose softmax backward is slow there)."""
@@ -21,21 +29,26 @@ def reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, mask_B
   if mask_BxLxM is not None:
     scores_BxHxLxM = jnp.where(mask_BxLxM[:, None], scores_BxHxLxM, jnp.finfo(jnp.float32).min)
   elif causal:   # query i (of the last L positions) sees keys 0 .. M - L + i
-    visible_LxM = jnp.tril(jnp.ones((L, M), bool), k=M - L)
+    visible_LxM = (window_mask(jnp.arange(M - L, M), jnp.arange(M), window) if window else
+                   jnp.tril(jnp.ones((L, M), bool), k=M - L))
     scores_BxHxLxM = jnp.where(visible_LxM, scores_BxHxLxM, jnp.finfo(jnp.float32).min)
   probs_BxHxLxM = jax.nn.softmax(scores_BxHxLxM, axis=-1).astype(v_BxMxKxDh.dtype)
   return jnp.einsum('bhlm,bmhd->blhd', probs_BxHxLxM, v_BxMxKxDh)
 
 
 def attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, *, causal: bool, implementation: str,
-              mask=None):
+              mask=None, window: int | None = None):
   """Multi-head / grouped-query attention by the named implementation. `mask` (B x L x M,
   True where a query may see a key) replaces the causal rule when given (packed segments,
-  cached decoding); cuDNN then falls back to the XLA kernel."""
+  cached decoding; it must then include the window); cuDNN then falls back to the XLA
+  kernel. `window` (causal only): each query sees its last `window` positions (sliding-window
+  attention)."""
   if implementation == 'reference':
-    return reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal, mask)
+    return reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal, mask,
+                               window if mask is None else None)
   if mask is not None:
     return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh,
                                         mask=mask[:, None], implementation='xla')
   return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, is_causal=causal,
+                                      local_window_size=(window - 1, 0) if window else None,
                                       implementation=implementation)

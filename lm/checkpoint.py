@@ -32,10 +32,11 @@ SIGNATURE_FIELDS = (
     'data.source', 'data.text_key', 'data.split_fractions', 'data.tfds_splits', 'data.tokenizer',
     'data.seq_len', 'data.packing', 'data.window_stride', 'data.add_eos',
     'train.batch_size', 'train.seed')
-# Post-training fields, recorded when they differ from these defaults (so that checkpoints
-# written before they existed still resume).
-POST_TRAINING_FIELDS = {'train.objective': 'lm', 'data.format': 'text', 'lora.rank': 0,
-                        'lora.targets': None, 'data.overlong': 'truncate'}
+# Fields added later (post-training, compression), recorded when they differ from these
+# defaults (so that checkpoints written before they existed still resume).
+LATER_FIELDS = {'train.objective': 'lm', 'data.format': 'text', 'lora.rank': 0,
+                'lora.targets': None, 'data.overlong': 'truncate',
+                'model.attention_window': None}
 
 
 class ResumeError(ConfigError):
@@ -45,7 +46,7 @@ class ResumeError(ConfigError):
 def signature(config, tokenizer_fingerprint: str, stages: int) -> dict:
   """What a checkpoint of this run depends on, as {field: value}."""
   sig = {field: _get(config, field) for field in SIGNATURE_FIELDS}
-  sig.update({field: _get(config, field) for field, default in POST_TRAINING_FIELDS.items()
+  sig.update({field: _get(config, field) for field, default in LATER_FIELDS.items()
               if _get(config, field) != default and not (field == 'lora.targets'
                                                           and not config.lora.rank)})
   repeats = config.model.pipeline_repeats

@@ -57,6 +57,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       dtype='bfloat16',       # compute dtype; logits and loss are always float32
       param_dtype='float32',
       attention='xla',        # one of ATTENTION_IMPLEMENTATIONS
+      # causal sliding-window attention: each query sees this many positions (itself
+      # included); None: all earlier positions
+      attention_window=ml_collections.config_dict.placeholder(int),
       remat='none',           # one of REMAT_POLICIES
       scan_layers=True,
       pipeline_microbatches=1,  # microbatches in flight when config.mesh.shape has stages > 1
@@ -301,6 +304,9 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
   if d.seq_len > m.max_len:
     raise ConfigError(f'config.data.seq_len={d.seq_len} is longer than the model\'s '
                       f'config.model.max_len={m.max_len} positions')
+  if m.attention_window is not None and (m.attention_window <= 0 or not m.causal):
+    raise ConfigError(f'config.model.attention_window={m.attention_window} must be a positive '
+                      'number of positions, on a causal model (config.model.causal=True)')
   if m.attention == 'cudnn' and m.dtype not in ('bfloat16', 'float16'):
     raise ConfigError(f"config.model.attention='cudnn' needs a 16-bit config.model.dtype, "
                       f'got {m.dtype!r}')

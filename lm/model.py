@@ -47,6 +47,7 @@ class ModelConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   attention: str = 'xla'
+  attention_window: int | None = None   # causal sliding window: positions each query sees
   remat: str = 'none'
   scan_layers: bool = True
   pipeline_stages: int = 1         # the mesh's 'stage' size (set by lm.steps.build)
@@ -167,13 +168,15 @@ def rotary(x_BxLxNxDh, positions_BxL, theta: float):
   return rotated.astype(x_BxLxNxDh.dtype)
 
 
-def segment_mask(segments_BxL, causal: bool):
+def segment_mask(segments_BxL, causal: bool, window: int | None = None):
   """Which keys each query sees (B x L x L): its own segment, and with `causal` only up to
-  itself. Packed examples then never attend to each other."""
+  itself (and with `window` only that many positions back). Packed examples then never attend
+  to each other."""
   mask_BxLxL = segments_BxL[:, :, None] == segments_BxL[:, None, :]
   if causal:
     L = segments_BxL.shape[1]
-    mask_BxLxL &= jnp.tril(jnp.ones((L, L), bool))
+    mask_BxLxL &= (attention_lib.window_mask(jnp.arange(L), jnp.arange(L), window) if window
+                   else jnp.tril(jnp.ones((L, L), bool)))
   return mask_BxLxL
 
 
@@ -207,10 +210,11 @@ class Attention(nn.Module):
     if self.decode:
       k_BxLxKxDh, v_BxLxKxDh, mask = self._cached(k_BxLxKxDh, v_BxLxKxDh, segments_BxL)
     elif segments_BxL is not None:
-      mask = segment_mask(segments_BxL, cfg.causal)
+      mask = segment_mask(segments_BxL, cfg.causal, cfg.attention_window)
     out_BxLxHxDh = attention_lib.attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
                                            causal=cfg.causal, mask=mask,
-                                           implementation=cfg.attention)
+                                           implementation=cfg.attention,
+                                           window=cfg.attention_window)
     # GPT-2's scaled init of residual projections: std / sqrt(2 * n_layers).
     out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
     y_BxLxD = Linear((cfg.d_model,), ('heads', 'head_dim', 'embed'), n_in=2, std=out_std,
@@ -233,6 +237,9 @@ class Attention(nn.Module):
         cached_segments.value, segments_BxL.astype(jnp.int32), (0, i))
     index.value = i + L
     visible_LxM = jnp.arange(M)[None, :] <= i + jnp.arange(L)[:, None]
+    if self.cfg.attention_window:   # slots are indices of the (left-padded) row
+      visible_LxM &= attention_lib.window_mask(i + jnp.arange(L), jnp.arange(M),
+                                               self.cfg.attention_window)
     mask_BxLxM = visible_LxM & (cached_segments.value[:, None, :] == segments_BxL[:, :, None])
     return cached_k.value, cached_v.value, mask_BxLxM
 

@@ -140,6 +140,12 @@ def test_readme_flow_import_sample_lora_sft_export_generate(tmp_path):
            '--config.train.checkpoint_every=60', cwd=tmp_path)
   losses = [m['loss'] for m in read_metrics(tuned) if 'loss' in m]
   assert losses[-1] < losses[0] - 0.5, losses
+  # lm.evaluate (adapters merged) gives the loss the run measured on its own test split
+  evaluated = json.loads(_command('lm.evaluate', '--workdir', str(tuned), '--split', 'test',
+                                  cwd=tmp_path))
+  final = json.loads((tuned / 'final.json').read_text())
+  np.testing.assert_allclose(evaluated['test_loss'], final['test_loss'], rtol=1e-5)
+  np.testing.assert_allclose(evaluated['perplexity'], np.exp(final['test_loss']), rtol=1e-5)
   _command('lm.hf', 'export', '--workdir', str(tuned), '--out', 'exports/hf_lora_sft',
            cwd=tmp_path)
   ours = _sample(tuned, 'Q: 1234 A: ', 6, tmp_path)

@@ -54,6 +54,68 @@ def test_xla_attention_matches_reference(causal, kv_heads):
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def _qkv(kv_heads=2, length=16):
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  return (jax.random.normal(keys[0], (2, length, 4, 8)),
+          *(jax.random.normal(key, (2, length, kv_heads, 8)) for key in keys[1:]))
+
+
+@pytest.mark.parametrize('window', [1, 5])
+@pytest.mark.parametrize('implementation', ['xla', 'reference-mask'])
+def test_sliding_window_matches_reference_values_and_gradients(window, implementation):
+  """Each way of applying a window (XLA's local_window_size; an explicit mask, as with packed
+  segments or the cache) against the reference's own window, and a NumPy mask."""
+  q, k, v = _qkv()
+  L = q.shape[1]
+  offsets = np.arange(L)[:, None] - np.arange(L)[None, :]
+  numpy_mask = jnp.asarray((offsets >= 0) & (offsets < window))[None].repeat(2, 0)
+  if implementation == 'xla':
+    fn = lambda q, k, v: attention.attention(q, k, v, causal=True, implementation='xla',
+                                             window=window)
+  else:
+    fn = lambda q, k, v: attention.attention(q, k, v, causal=True, implementation='reference',
+                                             mask=numpy_mask, window=window)
+  ref = lambda q, k, v: attention.reference_attention(q, k, v, True, window=window)
+  np.testing.assert_allclose(fn(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ref(q, k, v), attention.reference_attention(q, k, v, True,
+                                                                         numpy_mask), atol=1e-6)
+  loss = lambda f: lambda *a: (f(*a) * jnp.arange(8.0)).sum()
+  for ours, theirs in zip(jax.grad(loss(fn), (0, 1, 2))(q, k, v),
+                          jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'reference'])
+def test_window_covering_the_sequence_is_causal_and_keys_outside_get_no_gradient(
+    implementation):
+  q, k, v = _qkv()
+  full = attention.attention(q, k, v, causal=True, implementation=implementation)
+  covering = attention.attention(q, k, v, causal=True, implementation=implementation,
+                                 window=16)
+  np.testing.assert_allclose(covering, full, rtol=1e-6, atol=1e-6)
+  query, window = 11, 4   # sees keys 8 .. 11
+  out_of = lambda k, v: attention.attention(q, k, v, causal=True, implementation=implementation,
+                                            window=window)[:, query].sum()
+  grad_k, grad_v = jax.grad(out_of, (0, 1))(k, v)
+  for grad in (grad_k, grad_v):
+    assert np.all(np.asarray(grad[:, :query - window + 1]) == 0.0)    # exactly zero
+    assert np.all(np.asarray(grad[:, query + 1:]) == 0.0)
+    assert np.abs(np.asarray(grad[:, query - window + 1:query + 1])).min() > 0
+
+
+def test_windowed_model_with_segments_equals_the_fast_path():
+  """The model's two window paths: the mask built with packed segments, and the kernel's
+  local window when there are none."""
+  model, _ = _model(attention_window=3, **LLAMA)
+  tokens = _tokens()
+  params = model.init(jax.random.PRNGKey(0), tokens)['params']
+  apply = jax.jit(lambda t, s: model.apply({'params': params}, t, segments=s))
+  plain = jax.jit(lambda t: model.apply({'params': params}, t))(tokens)
+  np.testing.assert_allclose(apply(tokens, jnp.ones_like(tokens)), plain, rtol=1e-5, atol=1e-5)
+  unwindowed, _ = _model(**LLAMA)
+  assert not np.allclose(unwindowed.apply({'params': params}, tokens), plain, atol=1e-3)
+
+
 def test_reference_attention_against_numpy():
   """An independent NumPy softmax attention for one head."""
   rng = np.random.default_rng(0)

@@ -74,9 +74,11 @@ LLAMA = dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
 PROMPTS = [np.array([5, 9, 2]), np.arange(3, 12), np.array([7]), np.array([1, 4, 4, 8, 2])]
 
 
+STYLES = {'gpt': {}, 'llama': LLAMA, 'window': dict(LLAMA, attention_window=3)}
+
+
 def _model_and_variables(style: str, vocab_size: int = 64):
-  config = config_lib.resolve(tiny_config(**(LLAMA if style == 'llama' else {}),
-                                          vocab_size=vocab_size), None)
+  config = config_lib.resolve(tiny_config(**STYLES[style], vocab_size=vocab_size), None)
   cfg = model_lib.ModelConfig.from_config(config.model)
   model = model_lib.Transformer(cfg)
   variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
@@ -96,7 +98,7 @@ def _generator(cfg, settings, vocab_size: int, return_logits: bool):
                                                  vocab_size, return_logits=return_logits))
 
 
-@pytest.mark.parametrize('style', ['gpt', 'llama'])
+@pytest.mark.parametrize('style', ['gpt', 'llama', 'window'])
 def test_cached_logits_equal_a_full_recompute_at_every_step(style):
   """Prompts of different lengths, left-padded in one batch; each sampled token's logits from
   the cache equal the plain model's on the unpadded prompt + tokens so far."""

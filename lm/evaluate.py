@@ -1,0 +1,72 @@
+"""`python -m lm.evaluate --workdir RUN [--split validation|test] [--source SOURCE]`: the
+next-token loss and perplexity of any run (trained, fine-tuned, LoRA, exported, imported) on
+its own validation / test data, through the training loop's evaluation path; one JSON line.
+
+Runs trained on text are evaluated on their corpus (`lm` objective), SFT runs on the
+responses of their JSONL (`sft`); runs trained on preference or prompt data need `--source`
+(a text corpus, as config.data.source). LoRA adapters are merged first.
+"""
+import argparse
+import json
+import math
+import sys
+
+import jax
+
+from lm import peft, runs, train
+from lm.config import ConfigError
+
+SPLITS = {'validation': 'val', 'test': 'test'}
+
+
+def evaluate(workdir: str, splits=('validation', 'test'), source: str | None = None,
+             eval_batches: int | None = None) -> dict[str, float]:
+  """{'val_loss', 'test_loss', ..., 'perplexity'} of the run's newest checkpoint (or
+  RUN/checkpoints/STEP); perplexity is exp of the first split's loss."""
+  run = runs.load(workdir, '--workdir')
+  config, params = run.config, run.variables['params']
+  if 'lora' in run.variables:
+    params = peft.merge_lora(params, run.variables['lora'], config.lora.alpha, config.lora.rank)
+  if source:
+    config.data.update(source=source, format='text')
+  elif config.data.format not in ('text', 'sft'):
+    raise ConfigError(f'--workdir={workdir} trained on {config.data.format!r} data, which has no '
+                      'next-token loss: give --source (e.g. shakespeare or text:PATH)')
+  config.train.objective = {'text': 'lm', 'sft': 'sft'}[config.data.format]
+  config.train.init_from = ''
+  config.lora.rank = 0
+  config.model.pipeline_repeats = 1   # runs.load put the layers in logical order
+  devices = jax.device_count()
+  config.mesh.shape = (-1, 1, 1, 1)   # every device, data parallel
+  config.train.eval_batch_size = math.ceil(config.train.eval_batch_size / devices) * devices
+  if eval_batches:
+    config.train.eval_batches = eval_batches
+  config, data, program = train.setup(config, run.step_dir.parent.parent)
+  params = jax.device_put({k: v for k, v in params.items() if k != 'score_head'},
+                          program.state_sharding.params)
+  out = {}
+  for split in splits:
+    metrics = train.evaluate(program, params, data.eval[split], config.train.eval_batch_size)
+    out.update({f'{SPLITS[split]}_{k}': v for k, v in metrics.items()})
+  out['perplexity'] = math.exp(min(out[f'{SPLITS[splits[0]]}_loss'], 50.0))
+  return out
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog='python -m lm.evaluate', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
+  parser.add_argument('--split', choices=tuple(SPLITS), help='one split (default: both)')
+  parser.add_argument('--source', help='evaluate on this corpus (config.data.source) instead')
+  parser.add_argument('--eval_batches', type=int, help='at most this many batches per split')
+  args = parser.parse_args(argv)
+  splits = (args.split,) if args.split else tuple(SPLITS)
+  try:
+    print(json.dumps(evaluate(args.workdir, splits, args.source, args.eval_batches)))
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
