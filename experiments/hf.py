@@ -5,26 +5,20 @@
     python -m lm.main --config experiments/hf.py:lora_sft --workdir runs/hf/lora_sft
     python -m lm.hf export --workdir runs/hf/lora_sft --out exports/hf_lora_sft
 
-The architecture and tokenizer are the imported run's (`base=DIR` in the variant, default
-runs/hf/base), read from its config.json; `data=DIR` moves the task files. Variants: `sft`
-(every parameter) and `lora_sft` (rank-8 adapters on every projection).
+The architecture and tokenizer are the imported run's (`config.model.from_init_from`):
+`base=DIR` in the variant (default runs/hf/base) names it, `data=DIR` moves the task files.
+Variants: `sft` (every parameter) and `lora_sft` (rank-8 adapters on every projection).
 """
 from lm import config as config_lib
-
-ARCHITECTURE = ('vocab_size', 'n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'd_ff', 'max_len',
-                'positions', 'rope_theta', 'norm', 'norm_eps', 'mlp', 'use_bias',
-                'tie_embeddings', 'param_dtype')
 
 
 def get_config(variant: str = 'lora_sft'):
   stage, *options = variant.split(',')
   paths = dict(option.split('=', 1) for option in options)
   base, data = paths.get('base', 'runs/hf/base'), paths.get('data', 'data/reverse')
-  imported = config_lib.saved(base)
   c = config_lib.get_base_config()
-  c.model.update({k: imported.model[k] for k in ARCHITECTURE}, dtype='float32')
-  c.data.update(tokenizer=imported.data.tokenizer, source=f'jsonl:{data}/sft.jsonl',
-                format='sft', packing='pack', seq_len=min(32, imported.model.max_len))
+  c.model.update(from_init_from=True, dtype='float32')
+  c.data.update(source=f'jsonl:{data}/sft.jsonl', format='sft', packing='pack', seq_len=32)
   c.train.update(init_from=base, objective='sft', steps=200, batch_size=16, eval_batch_size=32,
                  eval_batches=4, log_every=10, eval_every=100, checkpoint_every=100)
   c.optim.update(name='adam', lr=1e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.0)

@@ -20,10 +20,12 @@ REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'everything')
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'reference')
 TOKENIZERS = ('char', 'byte', 'spm_bpe', 'spm_unigram')
 PACKINGS = ('window', 'pack')
-OBJECTIVES = ('lm', 'sft', 'reward', 'dpo', 'grpo', 'ppo')
+OBJECTIVES = ('lm', 'sft', 'reward', 'dpo', 'grpo', 'ppo', 'mlm', 'distill')
 DATA_FORMATS = ('text', 'sft', 'preference', 'prompt')
 # the data format each objective reads
-OBJECTIVE_FORMATS = {'lm': 'text', 'sft': 'sft', 'reward': 'preference', 'dpo': 'preference',
+OBJECTIVE_FORMATS = {'lm': 'text', 'mlm': 'text', 'distill': 'text', 'sft': 'sft',
+                     'reward': 'preference',
+                     'dpo': 'preference',
                      'grpo': 'prompt', 'ppo': 'prompt'}
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'lm', 'data')
 
@@ -64,6 +66,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       scan_layers=True,
       pipeline_microbatches=1,  # microbatches in flight when config.mesh.shape has stages > 1
       pipeline_repeats=1,     # > 1: circular pipeline, each stage holds this many layer chunks
+      # True: the architecture (ARCHITECTURE fields) and config.data.tokenizer are those of
+      # the run config.train.init_from (fine-tuning an imported model without restating it)
+      from_init_from=False,
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -121,6 +126,17 @@ def get_base_config() -> ml_collections.ConfigDict:
       # not its optimizer state, step or data position; ignored once this run has checkpoints
       init_from='',
       objective='lm',         # one of OBJECTIVES: what the loop minimises (lm/objectives.py)
+  ))
+
+  c.mlm = ml_collections.ConfigDict(dict(
+      rate=0.15,              # positions chosen per sequence (80% [MASK], 10% random, 10% kept)
+      mask_id=-1,             # -1: the tokenizer's vocabulary size, an id added for [MASK]
+  ))
+
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher='',             # RUN_DIR (or RUN_DIR/checkpoints/STEP) of the frozen teacher
+      temperature=2.0,        # softens both distributions; the KL term is scaled by T^2
+      kl_weight=0.5,          # loss = (1 - w) x cross-entropy + w x T^2 x KL(teacher || student)
   ))
 
   c.lora = ml_collections.ConfigDict(dict(
@@ -192,8 +208,10 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int | None) -> ml_collecti
   vocabulary size stays -1 until the tokenizer's `vocab_size` is given."""
   c = ml_collections.ConfigDict(c.to_dict())
   m = c.model
+  if c.train.objective == 'mlm' and c.mlm.mask_id == -1 and vocab_size is not None:
+    c.mlm.mask_id = vocab_size
   if m.vocab_size == -1 and vocab_size is not None:
-    m.vocab_size = vocab_size
+    m.vocab_size = vocab_size + int(c.train.objective == 'mlm')   # + [MASK]
   if m.vocab_size > 0:
     m.vocab_size = math.ceil(m.vocab_size / m.vocab_multiple) * m.vocab_multiple
   m.n_kv_heads = m.n_kv_heads or m.n_heads
@@ -201,6 +219,28 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int | None) -> ml_collecti
   m.max_len = m.max_len or c.data.seq_len
   c.optim.decay_steps = c.optim.decay_steps or c.train.steps
   c.lock()
+  return c
+
+
+# the config.model fields that make a model's parameters and function
+ARCHITECTURE = ('vocab_size', 'vocab_multiple', 'n_layers', 'd_model', 'n_heads', 'n_kv_heads',
+                'd_ff', 'max_len', 'causal', 'positions', 'rope_theta', 'norm', 'norm_eps', 'mlp',
+                'use_bias', 'tie_embeddings', 'param_dtype', 'attention_window')
+
+
+def with_architecture_of_init_from(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`c`, with config.model.from_init_from, taking the ARCHITECTURE fields and the tokenizer
+  from the run config.train.init_from (a run directory or RUN/checkpoints/STEP)."""
+  if not c.model.from_init_from:
+    return c
+  if not c.train.init_from:
+    raise ConfigError('config.model.from_init_from=True needs config.train.init_from')
+  run = epath.Path(c.train.init_from)
+  run = run.parent.parent if (run / 'state').exists() else run
+  source = saved(run)
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.model.update({k: source.model[k] for k in ARCHITECTURE if k in source.model})
+  c.data.tokenizer = source.data.tokenizer
   return c
 
 
@@ -352,6 +392,17 @@ def _validate_post_training(c: ml_collections.ConfigDict) -> None:
   if d.format != 'text' and not d.source.startswith('jsonl:'):
     raise ConfigError(f'config.data.format={d.format!r} needs config.data.source=jsonl:PATH, '
                       f'got {d.source!r}')
+  if t.objective == 'mlm' and c.model.causal:
+    raise ConfigError("config.train.objective='mlm' needs a bidirectional model: "
+                      'config.model.causal=False')
+  if t.objective == 'mlm' and not 0 < c.mlm.rate < 1:
+    raise ConfigError(f'config.mlm.rate={c.mlm.rate} must be in (0, 1)')
+  if t.objective == 'distill':
+    if not c.distill.teacher:
+      raise ConfigError("config.train.objective='distill' needs config.distill.teacher=RUN_DIR")
+    if c.distill.temperature <= 0 or not 0 <= c.distill.kl_weight <= 1:
+      raise ConfigError(f'config.distill.temperature={c.distill.temperature} must be > 0 and '
+                        f'config.distill.kl_weight={c.distill.kl_weight} in [0, 1]')
   if t.objective in ('dpo', 'grpo', 'ppo') and not t.init_from:
     raise ConfigError(f'config.train.objective={t.objective!r} needs config.train.init_from '
                       '(the run whose model is the policy\'s start and the frozen reference)')

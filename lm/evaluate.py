@@ -32,7 +32,8 @@ def evaluate(workdir: str, splits=('validation', 'test'), source: str | None = N
   elif config.data.format not in ('text', 'sft'):
     raise ConfigError(f'--workdir={workdir} trained on {config.data.format!r} data, which has no '
                       'next-token loss: give --source (e.g. shakespeare or text:PATH)')
-  config.train.objective = {'text': 'lm', 'sft': 'sft'}[config.data.format]
+  if config.train.objective != 'mlm':   # a masked-LM run keeps its objective
+    config.train.objective = {'text': 'lm', 'sft': 'sft'}[config.data.format]
   config.train.init_from = ''
   config.lora.rank = 0
   config.model.pipeline_repeats = 1   # runs.load put the layers in logical order

@@ -33,6 +33,8 @@ def load(run_dir: str, field: str, mesh: jax.sharding.Mesh | None = None) -> Run
   if not (directory / 'config.json').exists():
     raise ConfigError(f'{field}={run_dir}: no config.json in {directory}')
   config = config_lib.saved(directory)
+  if config.train.objective == 'distill':   # the student alone: no teacher needed to use it
+    config.train.objective = 'lm'
   stages = config.mesh.shape[3] if config.mesh.shape[3] > 0 else 1
   config.mesh.shape = (1, 1, 1, 1)
   mesh = mesh or sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1])

@@ -16,6 +16,7 @@ import ml_collections
 import optax
 from flax import struct
 
+from lm import config as config_lib
 from lm import model as model_lib
 from lm import objectives, optim, sharding
 from lm.config import ConfigError
@@ -126,6 +127,22 @@ def model_config_for(config: ml_collections.ConfigDict, stages: int) -> model_li
       lora_alpha=config.lora.alpha, lora_targets=config.lora.targets)
 
 
+def teacher_model(config: ml_collections.ConfigDict) -> model_lib.Transformer | None:
+  """Distillation's teacher: the model of the run config.distill.teacher (else None)."""
+  if config.train.objective != 'distill':
+    return None
+  saved = config_lib.saved(config.distill.teacher)
+  teacher = dataclasses.replace(model_lib.ModelConfig.from_config(saved.model),
+                                pipeline_stages=1, pipeline_repeats=1, dropout=0.0)
+  if saved.model.pipeline_repeats > 1:
+    raise ConfigError(f'config.distill.teacher={config.distill.teacher!r} stores its layers in '
+                      'circular-pipeline order: export it first (python -m lm.export)')
+  if teacher.vocab_size != config.model.vocab_size:
+    raise ConfigError(f'config.distill.teacher={config.distill.teacher!r} has a vocabulary of '
+                      f'{teacher.vocab_size}, the student {config.model.vocab_size}')
+  return model_lib.Transformer(teacher)
+
+
 def _split(config, variables: dict) -> tuple[Any, dict]:
   """(trained parameters, frozen dict) of freshly initialised variables."""
   lora = config.lora.rank > 0
@@ -141,7 +158,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
   model = model_lib.Transformer(model_config)
   reference = model_lib.Transformer(dataclasses.replace(model_config, scalar_head=False,
                                                         lora_rank=0))
-  objective = objectives.make(config, model, reference)
+  teacher = teacher_model(config)
+  objective = objectives.make(config, model, reference, teacher)
   tx, schedule = optim.make_optimizer(config.optim)
   rules = sharding.rules(config)
 
@@ -156,6 +174,10 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
     raise ConfigError(f'config.lora.targets={config.lora.targets!r} matches no module; '
                       f'the Linear modules are: {", ".join(kernels)}')
   boxed_params, boxed_frozen = _split(config, boxed)
+  if teacher is not None:   # frozen, of its own size, sharded by the same rules
+    boxed_frozen['teacher'] = sharding.with_mesh(jax.eval_shape, mesh, rules)(
+        teacher.init, jax.random.PRNGKey(0),
+        jnp.zeros((1, config.data.seq_len), jnp.int32))['params']
   params_sharding = sharding.params_shardings(boxed_params, mesh, rules)
   frozen_sharding = sharding.params_shardings(boxed_frozen, mesh, rules)
   abstract_params = nn.unbox(boxed_params)
@@ -171,8 +193,11 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.fold_in(rng, 1))
 
-  def init_frozen(rng):
-    return _split(config, nn.unbox(init_variables(rng)))[1]
+  def init_frozen(rng):   # the teacher's parameters are loaded from its run (lm/train.py)
+    frozen = _split(config, nn.unbox(init_variables(rng)))[1]
+    if teacher is not None:
+      frozen['teacher'] = nn.unbox(teacher.init(rng, jnp.zeros((1, 1), jnp.int32))['params'])
+    return frozen
 
   with_shardings = lambda tree, shardings: jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)

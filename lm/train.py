@@ -15,7 +15,7 @@ from lm import checkpoint, runs, sample, sharding, steps
 from lm import config as config_lib
 from lm import metrics as metrics_lib
 from lm.config import ConfigError
-from lm.data import pipeline
+from lm.data import pipeline, tokenizers
 from lm.post import rl
 
 
@@ -51,9 +51,11 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path | None,
   data = pipeline.make_data(config, workdir, functools.partial(sharding.process_rows, mesh),
                             tokenizer_from)
   config = config_lib.resolve(config, data.tokenizer.vocab_size)
-  if config.model.vocab_size < data.tokenizer.vocab_size:
+  needed = data.tokenizer.vocab_size + int(config.train.objective == 'mlm')   # + [MASK]
+  if config.model.vocab_size < needed:
     raise ConfigError(f'config.model.vocab_size={config.model.vocab_size} is smaller than the '
-                      f'{config.data.tokenizer!r} tokenizer\'s {data.tokenizer.vocab_size} tokens')
+                      f'{needed} ids of the {config.data.tokenizer!r} tokenizer'
+                      + (' and [MASK]' if config.train.objective == 'mlm' else ''))
   config_lib.validate(config, device_count)
   return config, data, steps.build(config, mesh)
 
@@ -136,7 +138,9 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
   state = ckpt.restore_latest(program.abstract_state, data.train, run, hint=(
       f'Use a new --workdir, or start a new run from this one with '
       f'--config.train.init_from={workdir}'))
-  program.frozen = _frozen(program, workdir, warm, run, t.seed)
+  if t.objective == 'distill':
+    _check_teacher_tokenizer(config, data.tokenizer)
+  program.frozen = _frozen(program, workdir, warm, run, t.seed, config.distill.teacher)
   if state is None:
     state = program.init(jax.random.PRNGKey(t.seed))
     if warm and not config.lora.rank:   # under LoRA the warm start is the frozen base
@@ -160,8 +164,9 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
   return config, data, program, state, run
 
 
-def _frozen(program: steps.Program, workdir: epath.Path, warm, run: dict, seed: int) -> dict:
-  """What the objective reads but never trains (LoRA base, reference): saved in the workdir
+def _frozen(program: steps.Program, workdir: epath.Path, warm, run: dict, seed: int,
+            teacher: str) -> dict:
+  """What the objective reads but never trains (LoRA base, reference, teacher): saved in the workdir
   when the run starts (from config.train.init_from's parameters, or a fresh init), so that a
   resume needs nothing outside the run directory."""
   if not program.abstract_frozen:
@@ -170,11 +175,27 @@ def _frozen(program: steps.Program, workdir: epath.Path, warm, run: dict, seed: 
     return runs.load_frozen(workdir, program)
   frozen = program.init_frozen(jax.random.PRNGKey(seed))
   if warm:
-    frozen = {name: checkpoint.load_params(warm[1], program.abstract_frozen[name], run,
-                                           'config.train.init_from')
-              for name in frozen}
+    frozen.update({name: checkpoint.load_params(warm[1], program.abstract_frozen[name], run,
+                                                'config.train.init_from')
+                   for name in frozen if name != 'teacher'})
+  if 'teacher' in frozen:   # distillation: the teacher run's parameters, whatever its size
+    _, step_dir = checkpoint.warm_start_dirs(teacher, 'config.distill.teacher')
+    frozen['teacher'] = checkpoint.load_params(
+        step_dir, program.abstract_frozen['teacher'], {'signature': {'layer order': 'logical'}},
+        'config.distill.teacher')
   runs.save_frozen(workdir, frozen)
   return frozen
+
+
+def _check_teacher_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
+  """A distillation teacher must read the student's tokens."""
+  directory = checkpoint.warm_start_dirs(config.distill.teacher, 'config.distill.teacher')[0]
+  teacher = tokenizers.load(directory / 'tokenizer.json',
+                            config_lib.saved(directory).data.tokenizer)
+  if teacher.fingerprint != tokenizer.fingerprint:
+    raise ConfigError(f'config.distill.teacher={config.distill.teacher!r} uses another tokenizer '
+                      f'({teacher.kind} {teacher.fingerprint}) than the student '
+                      f'({tokenizer.kind} {tokenizer.fingerprint})')
 
 
 def _trainable_summary(program: steps.Program, state) -> str:
@@ -191,6 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
   start_time = time.perf_counter()
   workdir = checkpoint.absolute(workdir)
   is_main = jax.process_index() == 0
+  config = config_lib.with_architecture_of_init_from(config)
   config_lib.validate(config_lib.resolve(config, None), jax.device_count())  # before any I/O
   t = config.train
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', t.keep_checkpoints,
@@ -252,7 +274,7 @@ def _evaluate(program, data, rollouts, batch_size: int, params, split: str) -> d
 def _sample(config, program: steps.Program, params, tokenizer) -> str | None:
   """A sample from the prompt of config.sample (None when num_tokens is 0)."""
   s = config.sample
-  if s.num_tokens <= 0:
+  if s.num_tokens <= 0 or not config.model.causal:   # a bidirectional model does not sample
     return None
   settings = sample.Settings(s.num_tokens, s.temperature, s.top_k, s.top_p,
                              eos_id=tokenizer.eos_id)

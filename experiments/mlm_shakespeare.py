@@ -1,0 +1,19 @@
+"""A bidirectional character encoder trained with masked-LM on Tiny Shakespeare (BERT's
+recipe: 15% of positions chosen, 80% [MASK] / 10% random / 10% kept; loss and accuracy on the
+chosen positions only).
+
+    python -m lm.main --config experiments/mlm_shakespeare.py --workdir runs/mlm
+
+The shape of experiments/shakespeare_char.py (4 layers, 128 channels, context 64) with
+`causal=False`; `val_accuracy` is the masked-token accuracy. `:smoke` runs 60 steps.
+"""
+from experiments import shakespeare_char
+
+
+def get_config(variant: str = ''):
+  c = shakespeare_char.get_config(variant)
+  c.model.causal = False
+  c.train.objective = 'mlm'
+  c.mlm.rate = 0.15
+  c.sample.num_tokens = 0   # an encoder does not generate
+  return c
