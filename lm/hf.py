@@ -335,6 +335,8 @@ def import_model(hf_dir: str, workdir: str, mesh_shape=(1, 1, 1, 1),
   family, parameter count, peak host memory) and the params ('params', on the mesh)."""
   directory = epath.Path(hf_dir)
   where = f'--from={hf_dir}'
+  if (epath.Path(workdir) / 'checkpoints').exists():   # before reading anything
+    raise ConfigError(f'--workdir={workdir} already holds checkpoints')
   if not (directory / 'config.json').exists():
     raise ConfigError(f'{where}: no config.json')
   hf = json.loads((directory / 'config.json').read_text())

@@ -1,9 +1,16 @@
 """Every test runs on CPU with 8 virtual devices, set before JAX is imported."""
 import os
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
+# JAX's persistent compilation cache, shared by the test processes (xdist workers and the
+# commands tests run): many compile the same programs. Entries are keyed by the program,
+# the compiler and the devices, so a stale one is never used.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'lm-tests-jax-cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import jax
 import numpy as np
