@@ -13,7 +13,7 @@ import sys
 
 import jax
 
-from lm import peft, runs, train
+from lm import runs, train
 from lm.config import ConfigError
 
 SPLITS = {'validation': 'val', 'test': 'test'}
@@ -24,9 +24,7 @@ def evaluate(workdir: str, splits=('validation', 'test'), source: str | None = N
   """{'val_loss', 'test_loss', ..., 'perplexity'} of the run's newest checkpoint (or
   RUN/checkpoints/STEP); perplexity is exp of the first split's loss."""
   run = runs.load(workdir, '--workdir')
-  config, params = run.config, run.variables['params']
-  if 'lora' in run.variables:
-    params = peft.merge_lora(params, run.variables['lora'], config.lora.alpha, config.lora.rank)
+  config, params = run.config, runs.merged_params(run)
   if source:
     config.data.update(source=source, format='text')
   elif config.data.format not in ('text', 'sft'):

@@ -8,20 +8,17 @@ import sys
 import jax
 from etils import epath
 
-from lm import peft, runs
+from lm import runs
 from lm.config import ConfigError
 
 
 def export(workdir: str, out: str, merge_lora: bool) -> epath.Path:
   """Writes the plain run directory; returns its checkpoint directory."""
   run = runs.load(workdir, '--workdir')
-  params = run.variables['params']
-  if 'lora' in run.variables:
-    if not merge_lora:
-      raise ConfigError(f'--workdir={workdir} holds LoRA adapters: pass --merge_lora to fold '
-                        'them into the base kernels')
-    params = peft.merge_lora(params, run.variables['lora'], run.config.lora.alpha,
-                             run.config.lora.rank)
+  if 'lora' in run.variables and not merge_lora:
+    raise ConfigError(f'--workdir={workdir} holds LoRA adapters: pass --merge_lora to fold '
+                      'them into the base kernels')
+  params = runs.merged_params(run)
   config = run.config
   config.lora.rank = 0
   config.train.init_from = ''

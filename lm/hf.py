@@ -3,17 +3,14 @@
     python -m lm.hf import --from HF_DIR --workdir RUN [--mesh_shape 1,2,4,1]
     python -m lm.hf export --workdir RUN --out HF_DIR [--dtype bfloat16] [--max_shard_size 2GB]
 
-Each family is a table: for every parameter of `lm.model.Transformer`, the Hugging Face
-tensors it is made of (`Source`). The same table reads (import) and writes (export), so the
-two cannot disagree. Import reads every device's slice of every parameter straight from the
-safetensors files (`safe_open(...).get_slice`, `jax.make_array_from_callback`), never the
-whole model on one host. Layouts: GPT-2's Conv1D stores (in, out) and fuses q, k, v in one
-`c_attn`; Llama's `nn.Linear` stores (out, in); both RoPE forms are the half-split one of
-`lm.model.rotary`.
+The per-family tables of `lm/hf_layout.py` say which Hugging Face tensors make each `lm`
+parameter; import and export both read them, so the two cannot disagree. Import reads every
+device's slice of every parameter straight from the safetensors files
+(`safe_open(...).get_slice`, `jax.make_array_from_callback`), never the whole model on one
+host.
 """
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import re
@@ -26,172 +23,15 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 from etils import epath
+from flax import traverse_util
 
 from lm import config as config_lib
-from lm import peft, runs, sharding, steps
+from lm import hf_layout as layout
+from lm import runs, sharding, steps
 from lm.config import ConfigError
 from lm.data import tokenizers
 
-ARCHITECTURES = {'GPT2LMHeadModel': 'gpt2', 'LlamaForCausalLM': 'llama'}
 INDEX = 'model.safetensors.index.json'
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """How one `lm` parameter is laid out in Hugging Face tensors.
-
-  The `lm` array is [layers,] *in, [pieces,] *out: `n_in` leading dimensions (after the
-  stacked layers) flatten into the tensor's input axis and the rest into its output axis;
-  with several `names` (Llama's k and v projections) or `offsets` (GPT-2's fused c_attn),
-  each piece is a window of its tensor's output axis starting at its offset. '{}' in a name
-  is the layer index. 1-D tensors (biases, norms) have no input axis (n_in = 0)."""
-  names: tuple[str, ...]
-  n_in: int = 0
-  offsets: tuple[int, ...] = (0,)
-  transposed: bool = False   # stored (out, in), as torch.nn.Linear
-  stacked: bool = False      # one tensor per layer, stacked on the leading axis
-
-  @property
-  def pieces(self) -> list[tuple[str, int]]:
-    n = max(len(self.names), len(self.offsets))
-    return [(self.names[i % len(self.names)], self.offsets[i % len(self.offsets)])
-            for i in range(n)]
-
-
-def _gpt2(cfg) -> dict[str, Source]:
-  h, D = 'transformer.h.{}.', cfg.d_model
-  layer = lambda name, n_in=0, offsets=(0,): Source((h + name,), n_in, offsets, stacked=True)
-  table = {'embed/embedding': Source(('transformer.wte.weight',), 1),
-           'pos_embed': Source(('transformer.wpe.weight',), 1),
-           'norm_out/scale': Source(('transformer.ln_f.weight',)),
-           'norm_out/bias': Source(('transformer.ln_f.bias',)),
-           'layers/attn/q/kernel': layer('attn.c_attn.weight', 1),
-           'layers/attn/kv/kernel': layer('attn.c_attn.weight', 1, (D, 2 * D)),
-           'layers/attn/q/bias': layer('attn.c_attn.bias'),
-           'layers/attn/kv/bias': layer('attn.c_attn.bias', 0, (D, 2 * D)),
-           'layers/attn/o/kernel': layer('attn.c_proj.weight', 2),
-           'layers/attn/o/bias': layer('attn.c_proj.bias'),
-           'layers/mlp/wi/kernel': layer('mlp.c_fc.weight', 1),
-           'layers/mlp/wi/bias': layer('mlp.c_fc.bias'),
-           'layers/mlp/wo/kernel': layer('mlp.c_proj.weight', 1),
-           'layers/mlp/wo/bias': layer('mlp.c_proj.bias')}
-  for norm, name in (('norm_attn', 'ln_1'), ('norm_mlp', 'ln_2')):
-    table[f'layers/{norm}/scale'] = layer(f'{name}.weight')
-    table[f'layers/{norm}/bias'] = layer(f'{name}.bias')
-  if not cfg.tie_embeddings:
-    table['head'] = Source(('lm_head.weight',), 1)
-  return table
-
-
-def _llama(cfg) -> dict[str, Source]:
-  h = 'model.layers.{}.'
-  linear = lambda names, n_in=1: Source(tuple(h + n for n in names), n_in, transposed=True,
-                                        stacked=True)
-  table = {'embed/embedding': Source(('model.embed_tokens.weight',), 1),
-           'norm_out/scale': Source(('model.norm.weight',)),
-           'layers/norm_attn/scale': Source((h + 'input_layernorm.weight',), stacked=True),
-           'layers/norm_mlp/scale': Source((h + 'post_attention_layernorm.weight',),
-                                           stacked=True),
-           'layers/attn/q/kernel': linear(['self_attn.q_proj.weight']),
-           'layers/attn/kv/kernel': linear(['self_attn.k_proj.weight', 'self_attn.v_proj.weight']),
-           'layers/attn/o/kernel': linear(['self_attn.o_proj.weight'], 2),
-           'layers/mlp/wi/kernel': linear(['mlp.gate_proj.weight', 'mlp.up_proj.weight']),
-           'layers/mlp/wo/kernel': linear(['mlp.down_proj.weight'])}
-  if not cfg.tie_embeddings:
-    table['head'] = Source(('lm_head.weight',), 1)
-  return table
-
-
-TABLES = {'gpt2': _gpt2, 'llama': _llama}
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-def lm_model_config(hf: dict, where: str) -> tuple[str, dict]:
-  """(family, config.model values) of a Hugging Face config.json; ConfigError naming the
-  field for what `lm.model` cannot represent."""
-  arch = (hf.get('architectures') or [None])[0]
-  family = ARCHITECTURES.get(arch) or {'gpt2': 'gpt2', 'llama': 'llama'}.get(hf.get('model_type'))
-  if family is None:
-    raise ConfigError(f'{where}: architectures={hf.get("architectures")} (model_type='
-                      f'{hf.get("model_type")!r}) is not supported; supported: '
-                      f'{list(ARCHITECTURES)}')
-
-  def refuse_unless(ok: bool, field: str, why: str):
-    if not ok:
-      raise ConfigError(f'{where}: {field}={hf.get(field)!r} is not supported ({why})')
-
-  if family == 'gpt2':
-    refuse_unless(hf.get('activation_function', 'gelu_new') in ('gelu_new', 'gelu_pytorch_tanh'),
-                  'activation_function', "lm's GELU is the tanh approximation")
-    refuse_unless(hf.get('scale_attn_weights', True), 'scale_attn_weights',
-                  'attention is always scaled by 1/sqrt(head_dim)')
-    refuse_unless(not hf.get('scale_attn_by_inverse_layer_idx'), 'scale_attn_by_inverse_layer_idx',
-                  'no per-layer attention scale')
-    refuse_unless(not hf.get('add_cross_attention'), 'add_cross_attention', 'decoder only')
-    d = hf['n_embd']
-    model = dict(vocab_size=hf['vocab_size'], n_layers=hf['n_layer'], d_model=d,
-                 n_heads=hf['n_head'], n_kv_heads=hf['n_head'], d_ff=hf.get('n_inner') or 4 * d,
-                 max_len=hf['n_positions'], positions='learned', norm='layernorm',
-                 norm_eps=hf.get('layer_norm_epsilon', 1e-5), mlp='gelu', use_bias=True,
-                 tie_embeddings=hf.get('tie_word_embeddings', True))
-  else:
-    rope = hf.get('rope_parameters') or {}
-    refuse_unless(hf.get('hidden_act', 'silu') == 'silu', 'hidden_act', 'SwiGLU uses SiLU')
-    refuse_unless(not hf.get('rope_scaling') and rope.get('rope_type', 'default') == 'default',
-                  'rope_scaling' if hf.get('rope_scaling') else 'rope_parameters',
-                  'only unscaled RoPE')
-    for field in ('attention_bias', 'mlp_bias'):
-      refuse_unless(not hf.get(field), field, 'Llama layers have no biases in lm')
-    d, heads = hf['hidden_size'], hf['num_attention_heads']
-    refuse_unless(hf.get('head_dim') in (None, d // heads), 'head_dim',
-                  f'lm uses hidden_size / num_attention_heads = {d // heads}')
-    model = dict(vocab_size=hf['vocab_size'], n_layers=hf['num_hidden_layers'], d_model=d,
-                 n_heads=heads, n_kv_heads=hf.get('num_key_value_heads') or heads,
-                 d_ff=hf['intermediate_size'], max_len=hf['max_position_embeddings'],
-                 positions='rope', rope_theta=rope.get('rope_theta', hf.get('rope_theta', 1e4)),
-                 norm='rmsnorm', norm_eps=hf.get('rms_norm_eps', 1e-6), mlp='swiglu',
-                 use_bias=False, tie_embeddings=hf.get('tie_word_embeddings', False))
-  if d % model['n_heads']:
-    raise ConfigError(f'{where}: hidden size {d} is not divisible by {model["n_heads"]} heads')
-  return family, model
-
-
-def family_of(m) -> str:
-  """'gpt2' or 'llama': the Hugging Face family an `lm` model config is an instance of."""
-  gpt2 = dict(positions='learned', norm='layernorm', mlp='gelu', use_bias=True)
-  llama = dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False)
-  for family, wanted in (('gpt2', gpt2), ('llama', llama)):
-    if all(m[k] == v for k, v in wanted.items()):
-      if family == 'gpt2' and m.n_kv_heads != m.n_heads:
-        raise ConfigError(f'config.model.n_kv_heads={m.n_kv_heads}: GPT-2 has no grouped-query '
-                          'attention')
-      if not m.causal:
-        raise ConfigError('config.model.causal=False: only causal language models export')
-      return family
-  raise ConfigError('config.model (positions, norm, mlp, use_bias) = '
-                    f'({m.positions}, {m.norm}, {m.mlp}, {m.use_bias}) is neither GPT-2 '
-                    '(learned, layernorm, gelu, True) nor Llama (rope, rmsnorm, swiglu, False)')
-
-
-def hf_config(m, family: str, tokenizer, dtype: str) -> dict:
-  """A Hugging Face config.json for the `lm` model config `m`."""
-  special = {f'{k}_token_id': getattr(tokenizer, f'{k}_id', None) for k in ('bos', 'eos', 'pad')}
-  if family == 'gpt2':
-    return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=m.vocab_size,
-                n_layer=m.n_layers, n_embd=m.d_model, n_head=m.n_heads, n_inner=m.d_ff,
-                n_positions=m.max_len, activation_function='gelu_new',
-                layer_norm_epsilon=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
-                attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, dtype=dtype, **special)
-  return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=m.vocab_size,
-              num_hidden_layers=m.n_layers, hidden_size=m.d_model,
-              num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
-              head_dim=m.d_model // m.n_heads, intermediate_size=m.d_ff,
-              max_position_embeddings=m.max_len, hidden_act='silu', rms_norm_eps=m.norm_eps,
-              rope_parameters={'rope_type': 'default', 'rope_theta': m.rope_theta},
-              attention_bias=False, mlp_bias=False, tie_word_embeddings=m.tie_embeddings,
-              dtype=dtype, **special)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -233,7 +73,7 @@ def _flat_indices(ranges: list[range], dims: tuple[int, ...]) -> np.ndarray:
   return np.ravel_multi_index(np.meshgrid(*[np.array(r) for r in ranges], indexing='ij'), dims)
 
 
-def _read_block(tensor, rows: np.ndarray, cols: np.ndarray, source: Source) -> np.ndarray:
+def _read_block(tensor, rows: np.ndarray, cols: np.ndarray, source: layout.Source) -> np.ndarray:
   """tensor[rows, cols] (input, output axes; rows of shape *in, cols of shape *out) reading
   only their bounding box from the file."""
   if source.n_in == 0:
@@ -245,7 +85,7 @@ def _read_block(tensor, rows: np.ndarray, cols: np.ndarray, source: Source) -> n
   return picked.reshape(rows.shape + cols.shape)
 
 
-def read_slice(files: SafetensorsFiles, source: Source, shape: tuple[int, ...], index,
+def read_slice(files: SafetensorsFiles, source: layout.Source, shape: tuple[int, ...], index,
                dtype) -> np.ndarray:
   """The block `index` (slices over `shape`, the `lm` parameter's shape) of one parameter."""
   ranges = [range(*s.indices(n)) for s, n in zip(index, shape)]
@@ -266,27 +106,10 @@ def read_slice(files: SafetensorsFiles, source: Source, shape: tuple[int, ...], 
   return np.stack(out) if source.stacked else out[0]
 
 
-def hf_shapes(table: dict[str, Source], shapes: dict[str, tuple]) -> dict[str, tuple]:
-  """The shape of every Hugging Face tensor of the table, given the `lm` parameters' shapes."""
-  rows, widths, transposed = {}, {}, {}
-  for path, source in table.items():
-    shape = shapes[path]
-    dims = shape[int(source.stacked):]
-    n_out = math.prod(dims[source.n_in + (len(source.pieces) > 1):])
-    for layer in range(shape[0]) if source.stacked else [None]:
-      for name, offset in source.pieces:
-        name = name.format(layer)
-        widths[name] = max(widths.get(name, 0), offset + n_out)
-        rows[name] = math.prod(dims[:source.n_in]) if source.n_in else None
-        transposed[name] = source.transposed
-  return {n: (widths[n],) if rows[n] is None else
-          (widths[n], rows[n]) if transposed[n] else (rows[n], widths[n]) for n in widths}
-
-
-def check_tensors(files: SafetensorsFiles, table: dict[str, Source], abstract: dict,
+def check_tensors(files: SafetensorsFiles, table: dict[str, layout.Source], abstract: dict,
                   where: str) -> None:
   """Every tensor the table needs is there, with the shape the config implies."""
-  for name, want in hf_shapes(table, {k: v.shape for k, v in abstract.items()}).items():
+  for name, want in layout.hf_shapes(table, {k: v.shape for k, v in abstract.items()}).items():
     stored = files.name(name)
     if stored is None:
       raise ConfigError(f'{where}: tensor {name} is missing from the safetensors files')
@@ -296,7 +119,7 @@ def check_tensors(files: SafetensorsFiles, table: dict[str, Source], abstract: d
                         f'{list(want)}')
 
 
-def read_params(files: SafetensorsFiles, table: dict[str, Source], abstract: dict) -> dict:
+def read_params(files: SafetensorsFiles, table: dict[str, layout.Source], abstract: dict) -> dict:
   """Every parameter as a global jax.Array on its sharding, each device's block read from
   the files on its own."""
   arrays = {}
@@ -306,27 +129,6 @@ def read_params(files: SafetensorsFiles, table: dict[str, Source], abstract: dic
         leaf.shape, leaf.sharding,
         lambda index, s=source, a=leaf: read_slice(files, s, a.shape, index, a.dtype))
   return arrays
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}/'))
-    else:
-      out[prefix + k] = v
-  return out
-
-
-def _unflatten(flat: dict) -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    *parents, leaf = path.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
 
 
 def import_model(hf_dir: str, workdir: str, mesh_shape=(1, 1, 1, 1),
@@ -340,7 +142,7 @@ def import_model(hf_dir: str, workdir: str, mesh_shape=(1, 1, 1, 1),
   if not (directory / 'config.json').exists():
     raise ConfigError(f'{where}: no config.json')
   hf = json.loads((directory / 'config.json').read_text())
-  family, model = lm_model_config(hf, f'{directory / "config.json"}')
+  family, model = layout.lm_model_config(hf, f'{directory / "config.json"}')
   tokenizer = tokenizers.HuggingFaceTokenizer.from_path(str(directory))
   if tokenizer.vocab_size > model['vocab_size']:
     raise ConfigError(f'{where}: the tokenizer has {tokenizer.vocab_size} tokens, the embedding '
@@ -358,15 +160,15 @@ def import_model(hf_dir: str, workdir: str, mesh_shape=(1, 1, 1, 1),
   config_lib.validate(on_mesh, devices)   # the model divides over --mesh_shape
   program = steps.build(on_mesh, sharding.make_mesh(tuple(mesh_shape),
                                                     jax.devices()[:devices]))
-  abstract = _flatten(program.abstract_state.params)
-  table = TABLES[family](program.model_config)
+  abstract = traverse_util.flatten_dict(program.abstract_state.params, sep='/')
+  table = layout.TABLES[family](program.model_config)
   if set(table) != set(abstract):   # the table and lm.model out of step: a bug here
     raise AssertionError(sorted(set(table) ^ set(abstract)))
   rss_at_start = _reset_peak_rss()
   with contextlib.ExitStack() as stack:
     files = SafetensorsFiles(directory, stack)
     check_tensors(files, table, abstract, where)
-    params = _unflatten(read_params(files, table, abstract))
+    params = traverse_util.unflatten_dict(read_params(files, table, abstract), sep='/')
     jax.block_until_ready(params)
     # resident after reading: the parameters (anonymous) and the safetensors pages mapped
     # while reading (file-backed page cache, which the kernel may reclaim)
@@ -410,11 +212,12 @@ def _peak_rss_mib() -> float:
 # ----------------------------------------------------------------------------- writing
 
 
-def hf_tensors(params: dict, table: dict[str, Source], dtype) -> dict[str, np.ndarray]:
+def hf_tensors(params: dict, table: dict[str, layout.Source], dtype) -> dict[str, np.ndarray]:
   """The Hugging Face tensors of `lm` parameters (as host arrays), by the same table."""
-  flat = {k: np.asarray(jax.device_get(v)) for k, v in _flatten(params).items()}
+  flat = {k: np.asarray(jax.device_get(v))
+          for k, v in traverse_util.flatten_dict(params, sep='/').items()}
   tensors = {name: np.zeros(shape, dtype) for name, shape in
-             hf_shapes(table, {k: v.shape for k, v in flat.items()}).items()}
+             layout.hf_shapes(table, {k: v.shape for k, v in flat.items()}).items()}
   for path, source in table.items():
     for layer, value in enumerate(flat[path]) if source.stacked else [(None, flat[path])]:
       n_in = math.prod(value.shape[:source.n_in])
@@ -471,21 +274,18 @@ def export_model(workdir: str, out: str, dtype: str = 'float32',
                  max_shard_bytes: int = 2 << 30, with_tokenizer: bool = True) -> list[str]:
   """Writes a Hugging Face model directory from a run (LoRA adapters merged first)."""
   run = runs.load(workdir, '--workdir')
-  family = family_of(run.config.model)
-  params = run.variables['params']
-  if 'lora' in run.variables:
-    params = peft.merge_lora(params, run.variables['lora'], run.config.lora.alpha,
-                             run.config.lora.rank)
+  family = layout.family_of(run.config.model)
+  params = runs.merged_params(run)
   params = {k: v for k, v in params.items() if k != 'score_head'}
   target = epath.Path(out)
   target.mkdir(parents=True, exist_ok=True)
   if with_tokenizer:
     write_tokenizer(run.tokenizer, target, run.model_config.max_len)
-  table = TABLES[family](run.model_config)
+  table = layout.TABLES[family](run.model_config)
   np_dtype = {'float32': np.float32, 'bfloat16': jax.numpy.bfloat16,
               'float16': np.float16}[dtype]
   files = write_safetensors(hf_tensors(params, table, np_dtype), target, max_shard_bytes)
-  config = hf_config(run.config.model, family, run.tokenizer, dtype)
+  config = layout.hf_config(run.config.model, family, run.tokenizer, dtype)
   (target / 'config.json').write_text(json.dumps(config, indent=2))
   return files
 

@@ -7,7 +7,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lm import checkpoint, sample, sharding, steps
+from lm import checkpoint, peft, sample, sharding, steps
 from lm import config as config_lib
 from lm import model as model_lib
 from lm.config import ConfigError
@@ -49,6 +49,15 @@ def load(run_dir: str, field: str, mesh: jax.sharding.Mesh | None = None) -> Run
   variables = sample.in_logical_order(stored, program.variables(restored['params']))
   tokenizer = tokenizers.load(directory / 'tokenizer.json', config.data.tokenizer)
   return Run(config, tokenizer, program.model_config, program.model, variables, step_dir)
+
+
+def merged_params(run: Run):
+  """The run's parameters with its LoRA adapters (if any) folded into the base kernels."""
+  params = run.variables['params']
+  if 'lora' in run.variables:
+    params = peft.merge_lora(params, run.variables['lora'], run.config.lora.alpha,
+                             run.config.lora.rank)
+  return params
 
 
 def write(target: epath.Path, config: ml_collections.ConfigDict, params, tokenizer,
