@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+import tokenizers as hf_tokenizers
 from etils import epath
 
 from lm import hf, runs
@@ -64,8 +65,15 @@ def test_hf_tokenizer_is_a_tokenizer_kind_with_its_special_tokens(tmp_path):
   assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id) == (320, 0, 1)
   text = 'Q: 0123 A: 3210\nFirst Citizen!'
   ids = tokenizer.encode(text)
-  assert ids.dtype == np.int32 and 0 not in ids   # no BOS added inside examples
+  assert ids.dtype == np.int32 and 0 not in ids
   assert tokenizer.decode(ids) == text
+  # a Llama-style post-processor that prepends BOS: examples are encoded without it
+  spec = hf_tokenizers.Tokenizer.from_file(str(FIXTURES / 'hf_tiny_llama' / 'tokenizer.json'))
+  spec.post_processor = hf_tokenizers.processors.TemplateProcessing(
+      single='<s> $A', special_tokens=[('<s>', 0)])
+  assert spec.encode(text).ids[0] == 0
+  with_bos = tokenizers.HuggingFaceTokenizer(spec.to_str().encode(), tokenizer.special_ids)
+  assert np.array_equal(with_bos.encode(text), ids)
   again = tokenizers.load(tmp_path / 'tokenizer.json', 'hf:elsewhere')   # the saved copy
   assert np.array_equal(again.encode(text), ids) and again.fingerprint == tokenizer.fingerprint
   with pytest.raises(tokenizers.ConfigError, match="holds a 'hf' tokenizer"):
