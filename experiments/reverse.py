@@ -4,6 +4,7 @@
     python -m lm.main --config experiments/reverse.py:pretrain --workdir runs/reverse/pretrain
     python -m lm.main --config experiments/reverse.py:sft      --workdir runs/reverse/sft
     python -m lm.main --config experiments/reverse.py:lora_sft --workdir runs/reverse/lora_sft
+    python -m lm.main --config experiments/reverse.py:qlora_sft --workdir runs/reverse/qlora_sft
     python -m lm.main --config experiments/reverse.py:reward   --workdir runs/reverse/reward
     python -m lm.main --config experiments/reverse.py:dpo      --workdir runs/reverse/dpo
     python -m lm.main --config experiments/reverse.py:grpo     --workdir runs/reverse/grpo
@@ -13,7 +14,8 @@
 The base is pretrained on the prompt format with random answers (it knows the format, not
 the task); SFT learns the task from prompt / response pairs (loss on the response only) of
 which 30% are wrong, so it answers right greedily but samples wrong answers often, which
-preference tuning is there to fix; LoRA-SFT trains rank-4 adapters instead; the reward model
+preference tuning is there to fix; LoRA-SFT trains rank-4 adapters instead, QLoRA-SFT the
+same adapters on the base quantized to NF4; the reward model
 (Bradley-Terry, from the SFT run) scores answers; DPO, GRPO (exact-match verifier as reward)
 and PPO (the reward model as reward) start from the SFT run. Each stage takes under a minute
 on 2 CPU cores (tests/test_post_chain.py runs them all). `data=DIR` and `runs=DIR` in the variant
@@ -21,9 +23,10 @@ on 2 CPU cores (tests/test_post_chain.py runs them all). `data=DIR` and `runs=DI
 """
 from lm import config as config_lib
 
-STAGE_STEPS = {'pretrain': 600, 'sft': 400, 'lora_sft': 400, 'reward': 600, 'dpo': 60,
-               'grpo': 40, 'ppo': 40}
-INIT_FROM = {'sft': 'pretrain', 'lora_sft': 'pretrain', 'reward': 'sft', 'dpo': 'sft',
+STAGE_STEPS = {'pretrain': 600, 'sft': 400, 'lora_sft': 400, 'qlora_sft': 400, 'reward': 600,
+               'dpo': 60, 'grpo': 40, 'ppo': 40}
+INIT_FROM = {'sft': 'pretrain', 'lora_sft': 'pretrain', 'qlora_sft': 'pretrain', 'reward': 'sft',
+             'dpo': 'sft',
              'grpo': 'sft', 'ppo': 'sft'}
 
 
@@ -43,7 +46,7 @@ def get_config(variant: str = 'sft'):
     c.train.init_from = f'{runs}/{INIT_FROM[stage]}'
   if stage == 'pretrain':
     c.data.source = f'text:{data}/pretrain.txt'
-  elif stage in ('sft', 'lora_sft'):
+  elif stage in ('sft', 'lora_sft', 'qlora_sft'):
     c.train.objective = 'sft'
     c.data.update(source=f'jsonl:{data}/sft.jsonl', format='sft', packing='pack')
   elif stage in ('reward', 'dpo'):
@@ -65,7 +68,9 @@ def get_config(variant: str = 'sft'):
   if stage == 'dpo':
     c.optim.update(lr=2e-4, min_lr=2e-5, warmup_steps=0, schedule='constant')
     c.dpo.beta = 0.1
-  if stage == 'lora_sft':
+  if stage in ('lora_sft', 'qlora_sft'):
     c.lora.update(rank=4, alpha=32.0)   # 4.2% of the parameters
     c.optim.lr = 3e-3
+  if stage == 'qlora_sft':   # the frozen base in NF4, groups of 32 (lm/quant.py)
+    c.quant.scheme = 'nf4'
   return c

@@ -145,6 +145,14 @@ def get_base_config() -> ml_collections.ConfigDict:
       targets='attn/(q|kv|o)|mlp/(wi|wo)',   # regex searched in module paths, e.g. layers/attn/q
   ))
 
+  # weight-only quantization (python -m lm.quantize writes quantized runs); with
+  # config.lora.rank > 0 the frozen base is quantized and the adapters train on it (QLoRA)
+  c.quant = ml_collections.ConfigDict(dict(
+      scheme='none',          # 'none' | 'int8' | 'int4' | 'nf4'
+      group_size=0,           # inputs per scale; 0: int8 one per output channel, 4-bit 32
+      targets='attn/(q|kv|o)|mlp/(wi|wo)',   # regex searched in module paths, as lora.targets
+  ))
+
   c.dpo = ml_collections.ConfigDict(dict(
       beta=0.1,               # strength of the implicit KL to the reference
       label_smoothing=0.0,    # assumed probability that a preference label is flipped
@@ -218,6 +226,8 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int | None) -> ml_collecti
   m.d_ff = m.d_ff or 4 * m.d_model
   m.max_len = m.max_len or c.data.seq_len
   c.optim.decay_steps = c.optim.decay_steps or c.train.steps
+  if c.quant.scheme in ('int4', 'nf4') and c.quant.group_size == 0:
+    c.quant.group_size = 32
   c.lock()
   return c
 
@@ -409,6 +419,7 @@ def _validate_post_training(c: ml_collections.ConfigDict) -> None:
   if lora.rank < 0 or (lora.rank and lora.alpha <= 0):
     raise ConfigError(f'config.lora.rank={lora.rank} must be >= 0 and config.lora.alpha='
                       f'{lora.alpha} > 0')
+  _validate_quant(c)
   if lora.rank and t.objective in ('reward', 'ppo'):
     raise ConfigError(f'config.lora.rank={lora.rank} with config.train.objective='
                       f'{t.objective!r}: its scalar head would stay frozen; use full training')
@@ -434,3 +445,20 @@ def _validate_post_training(c: ml_collections.ConfigDict) -> None:
   if d.format in ('preference', 'prompt') and d.packing == 'pack':
     raise ConfigError(f"config.data.packing='pack' packs text or sft examples, not "
                       f'{d.format!r} ones (one example per row)')
+
+
+QUANT_SCHEMES = ('none', 'int8', 'int4', 'nf4')
+
+
+def _validate_quant(c: ml_collections.ConfigDict) -> None:
+  """Scales group inputs along each kernel's innermost contracted axis: d_model (q, kv, wi),
+  head_dim (o) and d_ff (wo); a group size must divide each."""
+  q, m = c.quant, c.model
+  _one_of('quant.scheme', q.scheme, QUANT_SCHEMES)
+  if q.group_size < 0:
+    raise ConfigError(f'config.quant.group_size={q.group_size} must be >= 0')
+  for name, size in (('d_model', m.d_model), ('head_dim', m.d_model // m.n_heads),
+                     ('d_ff', m.d_ff)):
+    if q.scheme != 'none' and q.group_size and size > 0 and size % q.group_size:
+      raise ConfigError(f'config.quant.group_size={q.group_size} does not divide model.{name}='
+                        f'{size}, an axis the groups run along')

@@ -24,7 +24,9 @@ def evaluate(workdir: str, splits=('validation', 'test'), source: str | None = N
   """{'val_loss', 'test_loss', ..., 'perplexity'} of the run's newest checkpoint (or
   RUN/checkpoints/STEP); perplexity is exp of the first split's loss."""
   run = runs.load(workdir, '--workdir')
-  config, params = run.config, runs.merged_params(run)
+  config, params = run.config, run.variables['params']   # a quantized run stays quantized
+  if 'lora' in run.variables:   # adapters folded into the (dequantized) base: a float model
+    params, config.quant.scheme = runs.merged_params(run), 'none'
   if source:
     config.data.update(source=source, format='text')
   elif config.data.format not in ('text', 'sft'):

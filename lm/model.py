@@ -57,6 +57,9 @@ class ModelConfig:
   lora_rank: int = 0               # > 0: low-rank adapters on the Linear kernels selected by
   lora_alpha: float = 0.0          # lora_targets (a regex searched in the module path), in a
   lora_targets: str = ''           # separate 'lora' collection; scaled by alpha / rank
+  quant_scheme: str = 'none'       # kernels read quantized (lm/quant.py: wraps the model)
+  quant_group_size: int = 0
+  quant_targets: str = ''
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> 'ModelConfig':
@@ -95,7 +98,7 @@ class ModelConfig:
 
 
 class Linear(nn.Module):
-  """x[..., *in] @ kernel[*in, *out] (+ bias), as one 2-D matmul, with logical axes.
+  """x[..., *in] @ kernel[*in, *out] (+ bias), with logical axes.
 
   With `lora_rank` > 0 and a path that `lora_targets` matches, it adds the low-rank update
   x @ a @ b * alpha / rank (Hu et al. 2021), a random and b zero at init, held in the 'lora'
@@ -119,21 +122,21 @@ class Linear(nn.Module):
     kernel = self.param('kernel', nn.with_logical_partitioning(
         nn.initializers.normal(self.std), self.axes), (*in_shape, *self.out_shape),
         self.param_dtype)
-    flat_in = math.prod(in_shape)
-    x_NxI = x.reshape(-1, flat_in).astype(self.dtype)
-    y = jnp.dot(x_NxI, kernel.reshape(flat_in, -1).astype(self.dtype))
+    # contracted as an N-D kernel, never reshaped, and cast through promote_dtype: qwix
+    # intercepts both, so a quantized kernel keeps its logical axes and stays quantized
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = _contract(x, kernel, self.n_in)
     if self._has_adapter():
       r = self.lora_rank
       a = self.variable('lora', 'a', nn.with_logical_partitioning(
-          nn.initializers.normal(flat_in ** -0.5), (*self.axes[:self.n_in], None)),
+          nn.initializers.normal(math.prod(in_shape) ** -0.5), (*self.axes[:self.n_in], None)),
           self.make_rng('params') if self.is_initializing() else None, (*in_shape, r),
           self.param_dtype).value
       b = self.variable('lora', 'b', nn.with_logical_partitioning(
           nn.initializers.zeros, (None, *self.axes[self.n_in:])), None, (r, *self.out_shape),
           self.param_dtype).value
-      low_NxR = jnp.dot(x_NxI, a.reshape(flat_in, r).astype(self.dtype))
-      y = y + jnp.dot(low_NxR, b.reshape(r, -1).astype(self.dtype)) * (self.lora_alpha / r)
-    y = y.reshape(*x.shape[:-self.n_in], *self.out_shape)
+      low_NxR = _contract(x, a.astype(self.dtype), self.n_in)
+      y = y + _contract(low_NxR, b.astype(self.dtype), 1) * (self.lora_alpha / r)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           nn.initializers.zeros, self.axes[self.n_in:]), self.out_shape, self.param_dtype)
@@ -144,6 +147,13 @@ class Linear(nn.Module):
     if not self.is_initializing():
       return self.has_variable('lora', 'a')
     return self.lora_rank > 0 and re.search(self.lora_targets, '/'.join(self.path)) is not None
+
+
+def _contract(x, kernel, n_in: int):
+  """x[..., *in] . kernel[*in, *out] -> [..., *out]: the last n_in axes of x against the first
+  n_in of the kernel."""
+  x_axes = tuple(range(x.ndim - n_in, x.ndim))
+  return jax.lax.dot_general(x, kernel, ((x_axes, tuple(range(n_in))), ((), ())))
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:

@@ -31,7 +31,8 @@ def weight_decay_mask(params, decay_embeddings: bool):
   decay_embeddings; never biases or norm scales. Decided by path, so stacked (scanned)
   layers are treated like unstacked ones."""
   def decays(path, _):
-    name = path[-1].key
+    # the last dict key: a quantized kernel's leaves sit below it (lm/quant.py)
+    name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
     if name == 'kernel':
       return True
     if name in ('embedding', 'pos_embed', 'head'):

@@ -7,7 +7,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lm import checkpoint, peft, sample, sharding, steps
+from lm import checkpoint, peft, quant, sample, sharding, steps
 from lm import config as config_lib
 from lm import model as model_lib
 from lm.config import ConfigError
@@ -39,21 +39,21 @@ def load(run_dir: str, field: str, mesh: jax.sharding.Mesh | None = None) -> Run
   config.mesh.shape = (1, 1, 1, 1)
   mesh = mesh or sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1])
   program = steps.build(config, mesh)
-  target = {'params': program.abstract_state.params}
-  restored = ocp.PyTreeCheckpointer().restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True))
+  abstract = program.abstract_state.params
+  params = quant.from_stored(_restore(step_dir / 'state', {
+      'params': quant.stored_target(abstract)})['params'], abstract)
   program.frozen = load_frozen(directory, program, only=('base',))   # no reference needed
   # a circular pipeline stored its layers stage-major: put them in logical order once
   stored = dataclasses.replace(program.model_config, pipeline_stages=stages)
-  variables = sample.in_logical_order(stored, program.variables(restored['params']))
+  variables = sample.in_logical_order(stored, program.variables(params))
   tokenizer = tokenizers.load(directory / 'tokenizer.json', config.data.tokenizer)
   return Run(config, tokenizer, program.model_config, program.model, variables, step_dir)
 
 
 def merged_params(run: Run):
-  """The run's parameters with its LoRA adapters (if any) folded into the base kernels."""
-  params = run.variables['params']
+  """The run's parameters as float kernels: quantized ones dequantized, LoRA adapters (if
+  any) folded in."""
+  params = quant.dequantize(run.variables['params'])
   if 'lora' in run.variables:
     params = peft.merge_lora(params, run.variables['lora'], run.config.lora.alpha,
                              run.config.lora.rank)
@@ -85,12 +85,17 @@ def load_frozen(directory: epath.Path, program: steps.Program, only=None) -> dic
   path = directory / FROZEN_DIR
   if not path.exists():
     raise ConfigError(f'{directory} has no {FROZEN_DIR}/ (the frozen base or reference)')
-  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True))
+  return quant.from_stored(_restore(path, quant.stored_target(target)), target)
 
 
 def save_frozen(directory: epath.Path, frozen: dict) -> None:
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / FROZEN_DIR, frozen)
+  checkpointer.save(directory / FROZEN_DIR, quant.to_stored(frozen))   # a QLoRA base quantized
   checkpointer.wait_until_finished()
+
+
+def _restore(path: epath.Path, target):
+  """The entries of `target` (ShapeDtypeStructs with shardings) from an Orbax checkpoint."""
+  return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import model as model_lib
-from lm import pipeline, sharding
+from lm import pipeline, quant, sharding
 
 
 def filter_logits(logits_V, temperature: float, top_k: int, top_p: float):
@@ -63,7 +63,7 @@ def left_padded(prompts: list[np.ndarray], room: int) -> dict[str, np.ndarray]:
 
 def decoder(model_config: model_lib.ModelConfig) -> model_lib.Transformer:
   """The model for decoding: the layer stack unpipelined, attention writing a cache."""
-  return model_lib.Transformer(dataclasses.replace(
+  return quant.transformer(dataclasses.replace(
       model_config, pipeline_stages=1, pipeline_microbatches=0, pipeline_repeats=1), decode=True)
 
 

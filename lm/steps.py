@@ -18,7 +18,7 @@ from flax import struct
 
 from lm import config as config_lib
 from lm import model as model_lib
-from lm import objectives, optim, sharding
+from lm import objectives, optim, quant, sharding
 from lm.config import ConfigError
 
 
@@ -124,7 +124,9 @@ def model_config_for(config: ml_collections.ConfigDict, stages: int) -> model_li
   return dataclasses.replace(
       model_lib.ModelConfig.from_config(config.model), pipeline_stages=stages,
       scalar_head=config.train.objective in ('reward', 'ppo'), lora_rank=config.lora.rank,
-      lora_alpha=config.lora.alpha, lora_targets=config.lora.targets)
+      lora_alpha=config.lora.alpha, lora_targets=config.lora.targets,
+      quant_scheme=config.quant.scheme, quant_group_size=config.quant.group_size,
+      quant_targets=config.quant.targets)
 
 
 def teacher_model(config: ml_collections.ConfigDict) -> model_lib.Transformer | None:
@@ -155,9 +157,9 @@ def _split(config, variables: dict) -> tuple[Any, dict]:
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program:
   """The jitted init / train / eval functions for a resolved, validated config."""
   model_config = model_config_for(config, mesh.shape['stage'])
-  model = model_lib.Transformer(model_config)
-  reference = model_lib.Transformer(dataclasses.replace(model_config, scalar_head=False,
-                                                        lora_rank=0))
+  model = quant.transformer(model_config)
+  reference = quant.transformer(dataclasses.replace(model_config, scalar_head=False,
+                                                    lora_rank=0))
   teacher = teacher_model(config)
   objective = objectives.make(config, model, reference, teacher)
   tx, schedule = optim.make_optimizer(config.optim)

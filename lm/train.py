@@ -11,7 +11,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from lm import checkpoint, runs, sample, sharding, steps
+from lm import checkpoint, quant, runs, sample, sharding, steps
 from lm import config as config_lib
 from lm import metrics as metrics_lib
 from lm.config import ConfigError
@@ -174,10 +174,13 @@ def _frozen(program: steps.Program, workdir: epath.Path, warm, run: dict, seed: 
   if (workdir / runs.FROZEN_DIR).exists():
     return runs.load_frozen(workdir, program)
   frozen = program.init_frozen(jax.random.PRNGKey(seed))
-  if warm:
-    frozen.update({name: checkpoint.load_params(warm[1], program.abstract_frozen[name], run,
-                                                'config.train.init_from')
-                   for name in frozen if name != 'teacher'})
+  if warm:   # a QLoRA base is read in float and quantized
+    for name in frozen.keys() - {'teacher'}:
+      target = program.abstract_frozen[name]
+      frozen[name] = jax.device_put(quant.quantize_like(checkpoint.load_params(
+          warm[1], quant.float_target(target, program.model_config.param_dtype), run,
+          'config.train.init_from'), target),
+          jax.tree.map(lambda t: t.sharding, target))
   if 'teacher' in frozen:   # distillation: the teacher run's parameters, whatever its size
     _, step_dir = checkpoint.warm_start_dirs(teacher, 'config.distill.teacher')
     frozen['teacher'] = checkpoint.load_params(
@@ -199,12 +202,19 @@ def _check_teacher_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> No
 
 
 def _trainable_summary(program: steps.Program, state) -> str:
-  """Trained parameters (of all, frozen included) and optimizer-state bytes."""
-  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
-  trained, frozen = count(state.params), count(program.frozen.get('base', {}))
-  opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
-  return (f'trainable parameters {trained:,} of {trained + frozen:,} '
-          f'({100 * trained / (trained + frozen):.2f}%), optimizer state {opt_bytes:,} bytes')
+  """Trained parameters (of all, frozen included) and optimizer-state bytes; for QLoRA the
+  stored size of the quantized base kernels."""
+  trained, frozen = quant.param_count(state.params), quant.param_count(
+      program.frozen.get('base', {}))
+  opt_bytes = quant.stored_bytes(state.opt_state)
+  out = (f'trainable parameters {trained:,} of {trained + frozen:,} '
+         f'({100 * trained / (trained + frozen):.2f}%), optimizer state {opt_bytes:,} bytes')
+  kernels = quant.kernels(program.frozen.get('base', {}))
+  if kernels:
+    stored, bf16 = quant.stored_bytes(quant.to_stored(kernels)), 2 * quant.param_count(kernels)
+    out += (f', quantized base kernels {stored:,} bytes stored ({100 * stored / bf16:.1f}% of '
+            f'their {bf16:,} bfloat16 bytes)')
+  return out
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[str, float]:
@@ -214,6 +224,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
   is_main = jax.process_index() == 0
   config = config_lib.with_architecture_of_init_from(config)
   config_lib.validate(config_lib.resolve(config, None), jax.device_count())  # before any I/O
+  if config.quant.scheme != 'none' and not config.lora.rank:
+    raise ConfigError(f'config.quant.scheme={config.quant.scheme!r} trains only LoRA adapters on '
+                      'the quantized base (QLoRA): set config.lora.rank > 0')
   t = config.train
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', t.keep_checkpoints,
                                  t.async_checkpoints)

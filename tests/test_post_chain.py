@@ -16,7 +16,7 @@ from lm.post import tasks
 from tests.test_train import ROOT, read_metrics, run_main
 
 # stages of one wave depend only on earlier waves: they run side by side
-WAVES = (('pretrain',), ('sft', 'lora_sft'), ('reward', 'dpo', 'grpo'), ('ppo',))
+WAVES = (('pretrain',), ('sft', 'lora_sft', 'qlora_sft'), ('reward', 'dpo', 'grpo'), ('ppo',))
 
 
 @pytest.fixture(scope='module')
@@ -94,6 +94,20 @@ def test_lora_sft_comes_close_to_full_sft_with_few_parameters(chain, held_out):
   assert float(percent) < 5
   assert int(trained.replace(',', '')) < 0.05 * int(total.replace(',', ''))
   assert held_out['lora_sft']['exact_match'] >= held_out['sft']['exact_match'] - 0.05
+
+
+def test_qlora_sft_on_an_nf4_base_comes_close_to_lora_sft(chain, held_out):
+  """The same adapters trained on the base stored in NF4 (read back from frozen/ when
+  evaluated): the quantized base kernels take under 30% of their bfloat16 bytes."""
+  runs, _ = chain
+  stored, percent, bf16 = (float(x.replace(',', '')) for x in re.search(
+      r'quantized base kernels ([\d,]+) bytes stored \(([\d.]+)% of their ([\d,]+) bfloat16 '
+      r'bytes\)', runs['qlora_sft'][1]).groups())
+  assert percent <= 30 and stored <= 0.3 * bf16
+  assert held_out['qlora_sft']['exact_match'] >= held_out['lora_sft']['exact_match'] - 0.05
+  frozen_bytes = {stage: sum(f.stat().st_size for f in (runs[stage][0] / 'frozen').rglob('*')
+                             if f.is_file()) for stage in ('lora_sft', 'qlora_sft')}
+  assert frozen_bytes['qlora_sft'] < 0.4 * frozen_bytes['lora_sft'], frozen_bytes
 
 
 def _command(module: str, *args: str):
