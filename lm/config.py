@@ -153,6 +153,19 @@ def get_base_config() -> ml_collections.ConfigDict:
       targets='attn/(q|kv|o)|mlp/(wi|wo)',   # regex searched in module paths, as lora.targets
   ))
 
+  # pruning while fine-tuning a config.train.init_from run (lm/prune.py)
+  c.prune = ml_collections.ConfigDict(dict(
+      method='none',          # 'none' | 'magnitude' | 'nm' (N:M structured)
+      sparsity=0.5,           # magnitude: the fraction of targeted weights set to zero
+      n=2, m=4,               # nm: n weights kept of every m along a kernel's first input axis
+      schedule='oneshot',     # 'oneshot' (at the start) | 'gradual' (cubic, Zhu & Gupta 2017)
+      scope='layer',          # magnitude: 'layer' (each kernel of each layer) | 'global'
+      start_step=0,           # gradual: sparsity rises from 0 at start_step ...
+      end_step=0,             # ... to config.prune.sparsity at end_step (0: train.steps)
+      update_every=10,        # gradual: masks recomputed every this many steps
+      targets=r'(attn/(q|kv|o)|mlp/(wi|wo))/kernel',   # regex searched in parameter paths
+  ))
+
   c.dpo = ml_collections.ConfigDict(dict(
       beta=0.1,               # strength of the implicit KL to the reference
       label_smoothing=0.0,    # assumed probability that a preference label is flipped
@@ -420,6 +433,7 @@ def _validate_post_training(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.lora.rank={lora.rank} must be >= 0 and config.lora.alpha='
                       f'{lora.alpha} > 0')
   _validate_quant(c)
+  _validate_prune(c)
   if lora.rank and t.objective in ('reward', 'ppo'):
     raise ConfigError(f'config.lora.rank={lora.rank} with config.train.objective='
                       f'{t.objective!r}: its scalar head would stay frozen; use full training')
@@ -462,3 +476,20 @@ def _validate_quant(c: ml_collections.ConfigDict) -> None:
     if q.scheme != 'none' and q.group_size and size > 0 and size % q.group_size:
       raise ConfigError(f'config.quant.group_size={q.group_size} does not divide model.{name}='
                         f'{size}, an axis the groups run along')
+
+
+def _validate_prune(c: ml_collections.ConfigDict) -> None:
+  p = c.prune
+  _one_of('prune.method', p.method, ('none', 'magnitude', 'nm'))
+  if p.method == 'none':
+    return
+  _one_of('prune.schedule', p.schedule, ('oneshot', 'gradual'))
+  _one_of('prune.scope', p.scope, ('layer', 'global'))
+  if not 0 <= p.sparsity < 1:
+    raise ConfigError(f'config.prune.sparsity={p.sparsity} must be in [0, 1)')
+  if p.method == 'nm' and not 0 < p.n < p.m:
+    raise ConfigError(f'config.prune.n={p.n} must be in 1 .. config.prune.m - 1 = {p.m - 1}')
+  if p.method == 'nm' and p.schedule != 'oneshot':
+    raise ConfigError("config.prune.method='nm' prunes one-shot: config.prune.schedule='oneshot'")
+  if c.lora.rank:
+    raise ConfigError('config.prune with config.lora.rank > 0: the pruned base would stay frozen')

@@ -57,9 +57,10 @@ def _optimizers(o, schedule, mask) -> dict[str, Callable[[], optax.GradientTrans
   }
 
 
-def make_optimizer(o: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
-                                                         optax.Schedule]:
-  """clip -> optimizer, wrapped so that a non-finite gradient skips the update.
+def make_optimizer(o: ml_collections.ConfigDict, last: optax.GradientTransformation | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """clip -> optimizer (-> `last`, e.g. pruning's masks), wrapped so that a non-finite
+  gradient skips the update.
 
   `optax.apply_if_finite` counts skipped updates in its state; the training loop stops the
   run after `max_nonfinite_steps` in a row (apply_if_finite itself would then apply them)."""
@@ -67,5 +68,6 @@ def make_optimizer(o: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
   mask = lambda params: weight_decay_mask(params, o.decay_embeddings)
   steps = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
   steps.append(_optimizers(o, schedule, mask)[o.name]())
+  steps += [last] if last is not None else []
   tx = optax.apply_if_finite(optax.chain(*steps), max_consecutive_errors=o.max_nonfinite_steps + 1)
   return tx, schedule

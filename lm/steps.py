@@ -18,7 +18,7 @@ from flax import struct
 
 from lm import config as config_lib
 from lm import model as model_lib
-from lm import objectives, optim, quant, sharding
+from lm import objectives, optim, prune, quant, sharding
 from lm.config import ConfigError
 
 
@@ -162,7 +162,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
                                                     lora_rank=0))
   teacher = teacher_model(config)
   objective = objectives.make(config, model, reference, teacher)
-  tx, schedule = optim.make_optimizer(config.optim)
+  tx, schedule = optim.make_optimizer(config.optim, prune.keep_pruned(
+      config.prune, config.train.steps) if config.prune.method != 'none' else None)
   rules = sharding.rules(config)
 
   def init_variables(rng):

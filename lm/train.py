@@ -11,7 +11,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from lm import checkpoint, quant, runs, sample, sharding, steps
+from lm import checkpoint, prune, quant, runs, sample, sharding, steps
 from lm import config as config_lib
 from lm import metrics as metrics_lib
 from lm.config import ConfigError
@@ -148,6 +148,10 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
       heads = {k: v for k, v in state.params.items() if k == 'score_head'}
       state = state.replace(params=checkpoint.load_params(
           warm[1], program.abstract_state.params, run, 'config.train.init_from', fresh=heads))
+    if config.prune.method != 'none':   # the run starts pruned (one-shot, or step 0's share)
+      state = state.replace(params=program.in_mesh(jax.jit(
+          lambda p: prune.prune(p, config.prune, t.steps)[0],
+          out_shardings=program.state_sharding.params))(state.params))
   start_step = int(state.step)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -266,6 +270,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
   text = _sample(config, program, state.params, data.tokenizer)   # every process takes part
   wall = time.perf_counter() - start_time
   final = {'steps': t.steps, **val, **test, 'wall_s': wall}
+  if config.prune.method != 'none':
+    final['sparsity'] = prune.sparsity(state.params, config.prune.targets)
   if is_main:
     (workdir / 'final.json').write_text(json.dumps(final))   # marks the run finished
     if text is not None:
