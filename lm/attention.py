@@ -1,10 +1,18 @@
-"""Attention kernels: jax.nn.dot_product_attention ('xla', 'cudnn') and a plain reference.
+"""Attention kernels: jax.nn.dot_product_attention ('xla', 'cudnn'), Pallas splash attention
+('splash', the TPU kernel; on other backends in Pallas interpret mode, for tests) and a plain
+reference.
 
 Shapes: B batch, L query length, M key length, H query heads, K key/value heads
 (H % K == 0, grouped-query attention), G = H // K, Dh head dimension.
 """
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
 
 def window_mask(query_index_L, key_index_M, window: int):
@@ -36,12 +44,53 @@ def reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, mask_B
   return jnp.einsum('bhlm,bmhd->blhd', probs_BxHxLxM, v_BxMxKxDh)
 
 
+def splash_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, window: int | None):
+  """Splash attention (block-sparse flash attention in Pallas) with a causal or local mask,
+  keys / values repeated for grouped-query heads. Under a mesh it runs per shard through
+  shard_map, batch and heads split as the activations' logical axes say; block sizes are
+  512 or the whole sequence when shorter (lengths must then be multiples of 128 on TPU)."""
+  B, L, H, Dh = q_BxLxHxDh.shape
+  M, K = k_BxMxKxDh.shape[1], k_BxMxKxDh.shape[2]
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = lambda axes: 1 if mesh.empty or axes is None else math.prod(
+      mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  # the activations' batch and head axes, where they divide (not e.g. init's batch of one)
+  spec = [axes if axes is not None and size % shards(axes) == 0 else None for axes, size in
+          zip(nn.logical_to_mesh_axes(('batch', None, 'act_heads', None)), (B, L, H, Dh))]
+  heads = shards(spec[2])
+  if causal:
+    one = (splash_mask.LocalMask((L, M), (window - 1, 0), offset=M - L) if window else
+           splash_mask.CausalMask((L, M), offset=M - L))
+  else:
+    one = splash_mask.FullMask((L, M))
+  bq, bkv = min(512, L), min(512, M)
+  kernel = splash.make_splash_mha(
+      splash_mask.MultiHeadMask([one] * (H // heads)), head_shards=1, q_seq_shards=1,
+      block_sizes=splash.BlockSizes(block_q=bq, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                                    block_q_dq=bq, block_kv_dq=bkv),
+      interpret=jax.default_backend() != 'tpu')
+
+  def per_shard(q, k, v):   # [b, L, h, Dh]: the kernel takes one example's [h, L, Dh]
+    to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+    out = jax.vmap(kernel)(to_heads_first(q * Dh ** -0.5), to_heads_first(k), to_heads_first(v))
+    return to_heads_first(out)
+
+  if K != H:
+    k_BxMxKxDh = jnp.repeat(k_BxMxKxDh, H // K, axis=2)
+    v_BxMxKxDh = jnp.repeat(v_BxMxKxDh, H // K, axis=2)
+  if mesh.empty:
+    return per_shard(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh)
+  spec = P(*spec)
+  return jax.shard_map(per_shard, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh)
+
+
 def attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, *, causal: bool, implementation: str,
               mask=None, window: int | None = None):
   """Multi-head / grouped-query attention by the named implementation. `mask` (B x L x M,
   True where a query may see a key) replaces the causal rule when given (packed segments,
-  cached decoding; it must then include the window); cuDNN then falls back to the XLA
-  kernel. `window` (causal only): each query sees its last `window` positions (sliding-window
+  cached decoding; it must then include the window); cuDNN and splash then fall back to the
+  XLA kernel. `window` (causal only): each query sees its last `window` positions (sliding-window
   attention)."""
   if implementation == 'reference':
     return reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal, mask,
@@ -49,6 +98,8 @@ def attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, *, causal: bool, implementatio
   if mask is not None:
     return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh,
                                         mask=mask[:, None], implementation='xla')
+  if implementation == 'splash':
+    return splash_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal, window)
   return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, is_causal=causal,
                                       local_window_size=(window - 1, 0) if window else None,
                                       implementation=implementation)

@@ -36,7 +36,8 @@ SIGNATURE_FIELDS = (
 # defaults (so that checkpoints written before they existed still resume).
 LATER_FIELDS = {'train.objective': 'lm', 'data.format': 'text', 'lora.rank': 0,
                 'lora.targets': None, 'data.overlong': 'truncate',
-                'model.attention_window': None, 'quant.scheme': 'none', 'quant.group_size': 0}
+                'model.attention_window': None, 'quant.scheme': 'none', 'quant.group_size': 0,
+                'model.lowrank_rank': 0, 'model.attention_global_every': 0}
 
 
 class ResumeError(ConfigError):

@@ -17,7 +17,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor', 'stage')
 OPTIMIZERS = ('adamw', 'adam', 'adafactor', 'lion', 'sgd')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'everything')
-ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'reference')
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'splash', 'reference')
 TOKENIZERS = ('char', 'byte', 'spm_bpe', 'spm_unigram')
 PACKINGS = ('window', 'pack')
 OBJECTIVES = ('lm', 'sft', 'reward', 'dpo', 'grpo', 'ppo', 'mlm', 'distill')
@@ -62,6 +62,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       # causal sliding-window attention: each query sees this many positions (itself
       # included); None: all earlier positions
       attention_window=ml_collections.config_dict.placeholder(int),
+      attention_global_every=0,   # > 0 with a window: every this-many-th layer attends to all
+      # > 0: the Linear kernels matching lowrank_targets are factored, kernel = u @ v with
+      # rank lowrank_rank (python -m lm.lowrank writes them from a trained run's SVD)
+      lowrank_rank=0,
+      lowrank_targets='attn/(q|kv|o)|mlp/(wi|wo)',
       remat='none',           # one of REMAT_POLICIES
       scan_layers=True,
       pipeline_microbatches=1,  # microbatches in flight when config.mesh.shape has stages > 1
@@ -248,7 +253,8 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int | None) -> ml_collecti
 # the config.model fields that make a model's parameters and function
 ARCHITECTURE = ('vocab_size', 'vocab_multiple', 'n_layers', 'd_model', 'n_heads', 'n_kv_heads',
                 'd_ff', 'max_len', 'causal', 'positions', 'rope_theta', 'norm', 'norm_eps', 'mlp',
-                'use_bias', 'tie_embeddings', 'param_dtype', 'attention_window')
+                'use_bias', 'tie_embeddings', 'param_dtype', 'attention_window',
+                'attention_global_every', 'lowrank_rank', 'lowrank_targets')
 
 
 def with_architecture_of_init_from(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -367,9 +373,17 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
   if d.seq_len > m.max_len:
     raise ConfigError(f'config.data.seq_len={d.seq_len} is longer than the model\'s '
                       f'config.model.max_len={m.max_len} positions')
+  if m.lowrank_rank < 0:
+    raise ConfigError(f'config.model.lowrank_rank={m.lowrank_rank} must be >= 0')
   if m.attention_window is not None and (m.attention_window <= 0 or not m.causal):
     raise ConfigError(f'config.model.attention_window={m.attention_window} must be a positive '
                       'number of positions, on a causal model (config.model.causal=True)')
+  if m.attention_global_every < 0 or (m.attention_global_every and not m.attention_window):
+    raise ConfigError(f'config.model.attention_global_every={m.attention_global_every} must be '
+                      '>= 0, and > 0 only with config.model.attention_window')
+  if m.attention_global_every and c.mesh.shape[3] not in (0, 1):
+    raise ConfigError('config.model.attention_global_every with pipeline stages is not '
+                      'supported (the stages apply one layer body)')
   if m.attention == 'cudnn' and m.dtype not in ('bfloat16', 'float16'):
     raise ConfigError(f"config.model.attention='cudnn' needs a 16-bit config.model.dtype, "
                       f'got {m.dtype!r}')

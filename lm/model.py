@@ -48,6 +48,9 @@ class ModelConfig:
   param_dtype: str = 'float32'
   attention: str = 'xla'
   attention_window: int | None = None   # causal sliding window: positions each query sees
+  attention_global_every: int = 0  # > 0 with a window: every this-many-th layer sees all
+  lowrank_rank: int = 0            # > 0: kernels matching lowrank_targets factored as u @ v
+  lowrank_targets: str = ''
   remat: str = 'none'
   scan_layers: bool = True
   pipeline_stages: int = 1         # the mesh's 'stage' size (set by lm.steps.build)
@@ -104,7 +107,9 @@ class Linear(nn.Module):
   x @ a @ b * alpha / rank (Hu et al. 2021), a random and b zero at init, held in the 'lora'
   collection so that the base parameters stay a separate, frozen tree. Once initialised an
   adapter is used wherever its variables are given, whatever the module path (the pipeline
-  applies the layer stack as a root module)."""
+  applies the layer stack as a root module). With `lowrank_rank` > 0 and a path that
+  `lowrank_targets` matches, the kernel itself is factored: x @ u @ v (u [*in, r], v [r, *out];
+  `python -m lm.lowrank` fills them from a trained kernel's truncated SVD)."""
   out_shape: tuple[int, ...]
   axes: tuple[str | None, ...]   # logical names of the kernel's in and out dimensions
   n_in: int = 1                  # how many trailing dimensions of x are contracted
@@ -115,17 +120,28 @@ class Linear(nn.Module):
   lora_rank: int = 0
   lora_alpha: float = 0.0
   lora_targets: str = ''
+  lowrank_rank: int = 0
+  lowrank_targets: str = ''
 
   @nn.compact
   def __call__(self, x):
     in_shape = x.shape[-self.n_in:]
-    kernel = self.param('kernel', nn.with_logical_partitioning(
-        nn.initializers.normal(self.std), self.axes), (*in_shape, *self.out_shape),
-        self.param_dtype)
-    # contracted as an N-D kernel, never reshaped, and cast through promote_dtype: qwix
-    # intercepts both, so a quantized kernel keeps its logical axes and stays quantized
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    y = _contract(x, kernel, self.n_in)
+    if self._factored():   # low rank: x @ u @ v, u [*in, r], v [r, *out]
+      u = self.param('u', nn.with_logical_partitioning(nn.initializers.normal(self.std), (
+          *self.axes[:self.n_in], None)), (*in_shape, self.lowrank_rank), self.param_dtype)
+      v = self.param('v', nn.with_logical_partitioning(nn.initializers.normal(
+          self.lowrank_rank ** -0.5), (None, *self.axes[self.n_in:])),
+          (self.lowrank_rank, *self.out_shape), self.param_dtype)
+      x, u, v = nn.dtypes.promote_dtype(x, u, v, dtype=self.dtype)
+      y = _contract(_contract(x, u, self.n_in), v, 1)
+    else:
+      kernel = self.param('kernel', nn.with_logical_partitioning(
+          nn.initializers.normal(self.std), self.axes), (*in_shape, *self.out_shape),
+          self.param_dtype)
+      # contracted as an N-D kernel, never reshaped, and cast through promote_dtype: qwix
+      # intercepts both, so a quantized kernel keeps its logical axes and stays quantized
+      x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+      y = _contract(x, kernel, self.n_in)
     if self._has_adapter():
       r = self.lora_rank
       a = self.variable('lora', 'a', nn.with_logical_partitioning(
@@ -142,6 +158,12 @@ class Linear(nn.Module):
           nn.initializers.zeros, self.axes[self.n_in:]), self.out_shape, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+  def _factored(self) -> bool:
+    if not self.is_initializing():
+      return self.has_variable('params', 'u')
+    return self.lowrank_rank > 0 and re.search(self.lowrank_targets,
+                                               '/'.join(self.path)) is not None
 
   def _has_adapter(self) -> bool:
     if not self.is_initializing():
@@ -192,7 +214,8 @@ def segment_mask(segments_BxL, causal: bool, window: int | None = None):
 
 def _dense(cfg: ModelConfig) -> dict:
   return dict(use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets)
+              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
+              lowrank_rank=cfg.lowrank_rank, lowrank_targets=cfg.lowrank_targets)
 
 
 class Attention(nn.Module):
@@ -204,7 +227,8 @@ class Attention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, segments_BxL):
+  def __call__(self, x_BxLxD, positions_BxL, segments_BxL, is_global=False):
+    """`is_global` (a bool, or a traced one under nn.scan): this layer ignores the window."""
     cfg = self.cfg
     H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     q_BxLxHxDh = Linear((H, Dh), ('embed', 'heads', 'head_dim'), std=cfg.init_std,
@@ -216,15 +240,21 @@ class Attention(nn.Module):
       q_BxLxHxDh = rotary(q_BxLxHxDh, positions_BxL, cfg.rope_theta)
       k_BxLxKxDh = rotary(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
     q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ('batch', 'length', 'act_heads', None))
-    mask = None
+    masks = lambda window: None   # window -> the mask, when one is needed
     if self.decode:
-      k_BxLxKxDh, v_BxLxKxDh, mask = self._cached(k_BxLxKxDh, v_BxLxKxDh, segments_BxL)
+      k_BxLxKxDh, v_BxLxKxDh, masks = self._cached(k_BxLxKxDh, v_BxLxKxDh, segments_BxL)
     elif segments_BxL is not None:
-      mask = segment_mask(segments_BxL, cfg.causal, cfg.attention_window)
-    out_BxLxHxDh = attention_lib.attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
-                                           causal=cfg.causal, mask=mask,
-                                           implementation=cfg.attention,
-                                           window=cfg.attention_window)
+      masks = lambda window: segment_mask(segments_BxL, cfg.causal, window)
+    attend = lambda window: attention_lib.attention(
+        q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, causal=cfg.causal, mask=masks(window),
+        implementation=cfg.attention, window=window)
+    if not cfg.attention_window or is_global is False:
+      out_BxLxHxDh = attend(cfg.attention_window)
+    elif is_global is True:
+      out_BxLxHxDh = attend(None)
+    else:   # scanned layers: both kernels compiled, one run
+      out_BxLxHxDh = jax.lax.cond(is_global, lambda: attend(None),
+                                  lambda: attend(cfg.attention_window))
     # GPT-2's scaled init of residual projections: std / sqrt(2 * n_layers).
     out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
     y_BxLxD = Linear((cfg.d_model,), ('heads', 'head_dim', 'embed'), n_in=2, std=out_std,
@@ -232,8 +262,8 @@ class Attention(nn.Module):
     return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BxLxD)
 
   def _cached(self, k_BxLxKxDh, v_BxLxKxDh, segments_BxL):
-    """Keys and values of every cache slot (B x M) after writing these L, and the mask
-    (B x L x M) of slots each query sees: written ones up to its own, of its segment."""
+    """Keys and values of every cache slot (B x M) after writing these L, and window -> the
+    mask (B x L x M) of slots each query sees: written ones up to its own, of its segment."""
     B, L, K, Dh = k_BxLxKxDh.shape
     M = self.cfg.max_len
     cached_k = self.variable('cache', 'k', jnp.zeros, (B, M, K, Dh), k_BxLxKxDh.dtype)
@@ -246,12 +276,14 @@ class Attention(nn.Module):
     cached_segments.value = jax.lax.dynamic_update_slice(
         cached_segments.value, segments_BxL.astype(jnp.int32), (0, i))
     index.value = i + L
-    visible_LxM = jnp.arange(M)[None, :] <= i + jnp.arange(L)[:, None]
-    if self.cfg.attention_window:   # slots are indices of the (left-padded) row
-      visible_LxM &= attention_lib.window_mask(i + jnp.arange(L), jnp.arange(M),
-                                               self.cfg.attention_window)
-    mask_BxLxM = visible_LxM & (cached_segments.value[:, None, :] == segments_BxL[:, :, None])
-    return cached_k.value, cached_v.value, mask_BxLxM
+    same_segment_BxLxM = cached_segments.value[:, None, :] == segments_BxL[:, :, None]
+
+    def masks(window):
+      visible_LxM = jnp.arange(M)[None, :] <= i + jnp.arange(L)[:, None]
+      if window:   # slots are indices of the (left-padded) row
+        visible_LxM &= attention_lib.window_mask(i + jnp.arange(L), jnp.arange(M), window)
+      return visible_LxM & same_segment_BxLxM
+    return cached_k.value, cached_v.value, masks
 
 
 class Mlp(nn.Module):
@@ -282,9 +314,9 @@ class Block(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, segments_BxL):
+  def __call__(self, x_BxLxD, positions_BxL, segments_BxL, is_global=False):
     x_BxLxD = x_BxLxD + Attention(self.cfg, self.deterministic, self.decode, name='attn')(
-        make_norm(self.cfg, 'norm_attn')(x_BxLxD), positions_BxL, segments_BxL)
+        make_norm(self.cfg, 'norm_attn')(x_BxLxD), positions_BxL, segments_BxL, is_global)
     x_BxLxD = x_BxLxD + Mlp(self.cfg, self.deterministic, name='mlp')(
         make_norm(self.cfg, 'norm_mlp')(x_BxLxD))
     return nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'act_embed')), None
@@ -321,12 +353,16 @@ class Transformer(nn.Module):
     block = Block
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    every = cfg.attention_global_every if cfg.attention_window else 0
+    is_global = [every > 0 and (i + 1) % every == 0 for i in range(cfg.n_layers)]
     if cfg.scan_layers:
-      layers = _stack(block, cfg.n_layers)(cfg, not train, self.decode, name='layers')
+      layers = _stack(block, cfg.n_layers, bool(every))(cfg, not train, self.decode,
+                                                        name='layers')
       circular = cfg.pipeline_stages > 1 and cfg.pipeline_repeats > 1
       if self.is_initializing() or cfg.pipeline_stages == 1 or (
           cfg.pipeline_microbatches == 0 and not circular):
-        x_BxLxD, _ = layers(x_BxLxD, positions, segments)
+        x_BxLxD, _ = layers(x_BxLxD, positions, segments,
+                            *([jnp.array(is_global)] if every else []))
       elif cfg.pipeline_microbatches > 0:
         x_BxLxD = self._pipelined(block, _layer_variables(layers), x_BxLxD, positions,
                                   segments, train)
@@ -339,7 +375,7 @@ class Transformer(nn.Module):
     else:
       for i in range(cfg.n_layers):
         x_BxLxD, _ = block(cfg, not train, self.decode, name=f'layers_{i}')(
-            x_BxLxD, positions, segments)
+            x_BxLxD, positions, segments, is_global[i])
 
     x_BxLxD = make_norm(cfg, 'norm_out')(x_BxLxD)
     if cfg.tie_embeddings:
@@ -386,9 +422,10 @@ def _layer_variables(layers: nn.Module) -> dict:
   return {k: v for k, v in layers.variables.items() if k in ('params', 'lora')}
 
 
-def _stack(block, n_layers: int):
+def _stack(block, n_layers: int, per_layer_flag: bool = False):
   """`block` repeated n_layers times with nn.scan: one compiled body, parameters stacked on a
-  leading 'layers' axis."""
+  leading 'layers' axis; with `per_layer_flag` each layer also takes its own is_global."""
+  in_axes = (nn.broadcast, nn.broadcast) + ((0,) if per_layer_flag else ())
   return nn.scan(block, variable_axes={'params': 0, 'lora': 0, 'cache': 0},
-                 split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, nn.broadcast),
+                 split_rngs={'params': True, 'dropout': True}, in_axes=in_axes,
                  length=n_layers, metadata_params={nn.PARTITION_NAME: 'layers'})

@@ -33,7 +33,7 @@ def weight_decay_mask(params, decay_embeddings: bool):
   def decays(path, _):
     # the last dict key: a quantized kernel's leaves sit below it (lm/quant.py)
     name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
-    if name == 'kernel':
+    if name in ('kernel', 'u', 'v'):   # u, v: a low-rank kernel's factors
       return True
     if name in ('embedding', 'pos_embed', 'head'):
       return decay_embeddings

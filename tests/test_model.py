@@ -103,6 +103,44 @@ def test_window_covering_the_sequence_is_causal_and_keys_outside_get_no_gradient
     assert np.abs(np.asarray(grad[:, query - window + 1:query + 1])).min() > 0
 
 
+@pytest.mark.parametrize('causal,window,kv_heads', [(True, None, 2), (False, None, 4),
+                                                     (True, 5, 2), (True, 128, 1)])
+def test_splash_matches_reference_values_and_gradients(causal, window, kv_heads):
+  """Pallas splash attention (interpret mode off TPU; its blocks need 128 positions)."""
+  q, k, v = _qkv(kv_heads, length=128)
+  fn = lambda q, k, v: attention.attention(q, k, v, causal=causal, implementation='splash',
+                                           window=window)
+  ref = lambda q, k, v: attention.reference_attention(q, k, v, causal, window=window)
+  np.testing.assert_allclose(fn(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+  if window == 128:   # a window covering the sequence is causal attention
+    np.testing.assert_allclose(fn(q, k, v), attention.reference_attention(q, k, v, True),
+                               rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda *a: (f(*a) * jnp.arange(8.0)).sum()
+  for ours, theirs in zip(jax.grad(loss(fn), (0, 1, 2))(q, k, v),
+                          jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+  if window == 5:   # keys outside the window: exactly zero gradient
+    query = 40
+    grad_k = jax.grad(lambda k: fn(q, k, v)[:, query].sum())(k)
+    assert np.all(np.asarray(grad_k[:, :query - 4]) == 0.0)
+    assert np.all(np.asarray(grad_k[:, query + 1:]) == 0.0)
+    assert np.abs(np.asarray(grad_k[:, query - 4:query + 1])).min() > 0
+
+
+def test_splash_model_sharded_equals_reference_on_one_device():
+  """attention='splash' runs per shard (shard_map over batch and heads) on fsdp 2 x tensor 4."""
+  from tests.conftest import build_program, loss_and_grads, random_batch
+  batch = random_batch(8, 128)
+  results = {}
+  for implementation, shape in (('reference', (1, 1, 1, 1)), ('splash', (1, 2, 4, 1))):
+    config = tiny_config(attention=implementation, n_kv_heads=4)
+    config.data.seq_len = 128
+    results[implementation] = loss_and_grads(build_program(config, shape), batch)
+  np.testing.assert_allclose(results['splash'][0], results['reference'][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(results['splash'][1]), jax.tree.leaves(results['reference'][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_windowed_model_with_segments_equals_the_fast_path():
   """The model's two window paths: the mask built with packed segments, and the kernel's
   local window when there are none."""
@@ -114,6 +152,35 @@ def test_windowed_model_with_segments_equals_the_fast_path():
   np.testing.assert_allclose(apply(tokens, jnp.ones_like(tokens)), plain, rtol=1e-5, atol=1e-5)
   unwindowed, _ = _model(**LLAMA)
   assert not np.allclose(unwindowed.apply({'params': params}, tokens), plain, atol=1e-3)
+
+
+def test_alternating_local_and_global_layers():
+  """Every second layer global (Gemma-2 style): scanned layers (the flag a scanned input,
+  lax.cond between the kernels) equal unrolled ones; one segment's mask path equals the
+  plain path; every layer global is full attention and none global is all windowed."""
+  style = dict(LLAMA, attention_window=3, n_layers=4)
+  tokens = _tokens()
+  outputs = {}
+  for name, overrides in (('alternating', dict(attention_global_every=2)),
+                          ('all global', dict(attention_global_every=1)),
+                          ('none global', dict(attention_global_every=5)),
+                          ('windowed', {}), ('full', dict(attention_window=None))):
+    model, config = _model(**{**style, **overrides})
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens)['params'])
+    outputs[name] = np.asarray(jax.jit(model.apply)({'params': params}, tokens))
+    if name == 'alternating':
+      with_segments = jax.jit(lambda p, t, model=model: model.apply({'params': p}, t,
+                                                       segments=jnp.ones_like(t)))
+      np.testing.assert_allclose(with_segments(params, tokens), outputs[name], rtol=1e-5,
+                                 atol=1e-5)
+      unrolled_model, _ = _model(**{**style, **overrides, 'scan_layers': False})
+      unrolled = jax.jit(unrolled_model.apply)(
+          {'params': _unstack(params, config.model.n_layers)}, tokens)
+      np.testing.assert_allclose(unrolled, outputs[name], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outputs['all global'], outputs['full'], rtol=1e-6)
+  np.testing.assert_allclose(outputs['none global'], outputs['windowed'], rtol=1e-6)
+  for other in ('full', 'windowed'):
+    assert np.abs(outputs['alternating'] - outputs[other]).max() > 1e-3, other
 
 
 def test_reference_attention_against_numpy():

@@ -74,7 +74,8 @@ LLAMA = dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
 PROMPTS = [np.array([5, 9, 2]), np.arange(3, 12), np.array([7]), np.array([1, 4, 4, 8, 2])]
 
 
-STYLES = {'gpt': {}, 'llama': LLAMA, 'window': dict(LLAMA, attention_window=3)}
+STYLES = {'gpt': {}, 'llama': LLAMA, 'window': dict(LLAMA, attention_window=3),
+          'alternating': dict(LLAMA, attention_window=3, attention_global_every=2)}
 
 
 def _model_and_variables(style: str, vocab_size: int = 64):
@@ -98,7 +99,7 @@ def _generator(cfg, settings, vocab_size: int, return_logits: bool):
                                                  vocab_size, return_logits=return_logits))
 
 
-@pytest.mark.parametrize('style', ['gpt', 'llama', 'window'])
+@pytest.mark.parametrize('style', ['gpt', 'llama', 'window', 'alternating'])
 def test_cached_logits_equal_a_full_recompute_at_every_step(style):
   """Prompts of different lengths, left-padded in one batch; each sampled token's logits from
   the cache equal the plain model's on the unpadded prompt + tokens so far."""

@@ -1,0 +1,118 @@
+"""`python -m lm.lowrank --workdir RUN (--rank R | --energy E) [--targets REGEX] --out DIR`:
+a run directory whose Linear kernels (those `--targets` matches in the module path) are
+replaced by their truncated SVD, kernel [*in, *out] ~ u [*in, R] @ v [R, *out] with the
+singular values split evenly between the factors (u = U sqrt(S), v = sqrt(S) V^T). With
+`--energy E` the rank is the smallest that keeps at least that fraction of the squared
+singular values of every targeted kernel (of every layer: scanned layers share one shape).
+The new run is evaluated and sampled like any run, and fine-tuned with
+`--config.train.init_from=DIR --config.model.from_init_from=True`. Prints one JSON line.
+"""
+import argparse
+import dataclasses
+import json
+import re
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+from etils import epath
+from flax import traverse_util
+
+from lm import model as model_lib
+from lm import runs
+from lm.config import ConfigError
+
+
+def _kernels(params, targets: str) -> dict[tuple, np.ndarray]:
+  """{module path: kernel} of the targeted Linear modules."""
+  flat = traverse_util.flatten_dict(params)
+  return {path[:-1]: np.asarray(w, np.float32) for path, w in flat.items()
+          if path[-1] == 'kernel' and re.search(targets, '/'.join(path[:-1]))}
+
+
+def _matrices(kernel: np.ndarray, n_in: int, stacked: bool) -> np.ndarray:
+  """The kernel as [layers,] inputs x outputs."""
+  lead = kernel.shape[:1] if stacked else ()
+  rest = kernel.shape[len(lead):]
+  return kernel.reshape(*lead, int(np.prod(rest[:n_in])), int(np.prod(rest[n_in:])))
+
+
+def energy_rank(singular_values: np.ndarray, energy: float) -> int:
+  """The smallest rank keeping `energy` of sum(S^2) (for each row of a stack: the largest)."""
+  share = np.cumsum(singular_values ** 2, -1) / np.sum(singular_values ** 2, -1, keepdims=True)
+  return int(np.max(np.sum(share < energy - 1e-12, -1) + 1))
+
+
+def compress(workdir: str, out: str, rank: int | None, energy: float | None,
+             targets: str) -> dict:
+  if (rank is None) == (energy is None):
+    raise ConfigError('give one of --rank R or --energy E')
+  if energy is not None and not 0 < energy <= 1:
+    raise ConfigError(f'--energy={energy} must be in (0, 1]')
+  run = runs.load(workdir, '--workdir')
+  if run.config.model.lowrank_rank:
+    raise ConfigError(f'--workdir={workdir} is already low-rank (rank '
+                      f'{run.config.model.lowrank_rank})')
+  params = jax.device_get(runs.merged_params(run))
+  kernels = _kernels(params, targets)
+  if not kernels:
+    raise ConfigError(f'--targets={targets!r} matches no Linear module')
+  # how many leading kernel axes are inputs: u's axes in a factored model, less its rank
+  probe = dataclasses.replace(run.model_config, lowrank_rank=1, lowrank_targets=targets)
+  shapes = traverse_util.flatten_dict(nn.unbox(jax.eval_shape(
+      lambda: model_lib.Transformer(probe).init(jax.random.PRNGKey(0), np.zeros((1, 1), int)))[
+          'params']))
+  n_in = {path: shapes[path + ('u',)].ndim - 1 - (path[0] == 'layers') for path in kernels}
+  svds = {path: np.linalg.svd(_matrices(w, n_in[path], path[0] == 'layers'),
+                              full_matrices=False) for path, w in kernels.items()}
+  if energy is not None:
+    rank = max(energy_rank(s, energy) for _, s, _ in svds.values())
+  smallest = min(s.shape[-1] for _, s, _ in svds.values())
+  if not 0 < rank <= smallest:
+    raise ConfigError(f'--rank={rank} must be in 1 .. {smallest} (the smallest targeted '
+                      'kernel dimension)')
+  config = run.config
+  config.lora.rank, config.train.init_from, config.model.pipeline_repeats = 0, '', 1
+  config.model.update(lowrank_rank=rank, lowrank_targets=targets)
+  config.quant.scheme = 'none'
+  flat = traverse_util.flatten_dict(params)
+  kept = []
+  for path, (u, s, vt) in svds.items():
+    kernel = flat.pop(path + ('kernel',))
+    split = (path[0] == 'layers') + n_in[path]   # lead + input axes of the kernel
+    root = np.sqrt(s[..., :rank])
+    flat[path + ('u',)] = (u[..., :rank] * root[..., None, :]).reshape(
+        *kernel.shape[:split], rank)
+    flat[path + ('v',)] = (root[..., :, None] * vt[..., :rank, :]).reshape(
+        *kernel.shape[:split - n_in[path]], rank, *kernel.shape[split:])
+    kept.append(np.min(np.sum(s[..., :rank] ** 2, -1) / np.sum(s ** 2, -1)))
+  factored = traverse_util.unflatten_dict(flat)
+  count = lambda tree: sum(np.size(x) for x in jax.tree.leaves(tree))
+  step_dir = runs.write(epath.Path(out), config, factored, run.tokenizer, int(run.step_dir.name))
+  return {'rank': rank, 'kernels': len(kernels), 'min_energy_kept': float(min(kept)),
+          'params_before': count(params), 'params_after': count(factored),
+          'kernel_params_before': sum(w.size for w in kernels.values()),
+          'kernel_params_after': sum(flat[p + ('u',)].size + flat[p + ('v',)].size
+                                     for p in kernels), 'out': str(step_dir)}
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog='python -m lm.lowrank', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
+  parser.add_argument('--rank', type=int, help='the rank of every factored kernel')
+  parser.add_argument('--energy', type=float, help='or: the share of sum(S^2) to keep')
+  parser.add_argument('--targets', default='attn/(q|kv|o)|mlp/(wi|wo)',
+                      help='regex searched in the Linear modules\' paths')
+  parser.add_argument('--out', required=True, help='the new run directory')
+  args = parser.parse_args(argv)
+  try:
+    print(json.dumps(compress(args.workdir, args.out, args.rank, args.energy, args.targets)))
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
