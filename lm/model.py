@@ -77,11 +77,16 @@ class ModelConfig:
     """Parameter counts: `total`, and `non_embedding` (without token / position tables and
     an untied output head, as in Kaplan et al. 2020)."""
     D, F, V, Dh = self.d_model, self.d_ff, self.vocab_size, self.head_dim
-    b = int(self.use_bias)
-    attn = D * (self.n_heads + 2 * self.n_kv_heads) * Dh + self.n_heads * Dh * D
-    attn += b * ((self.n_heads + 2 * self.n_kv_heads) * Dh + D)
+    H, K, b = self.n_heads, self.n_kv_heads, int(self.use_bias)
+
+    def kernel(name, n_in, n_out):   # a low-rank kernel holds u [in, r] and v [r, out]
+      if self.lowrank_rank and re.search(self.lowrank_targets, f'layers/{name}'):
+        return self.lowrank_rank * (n_in + n_out)
+      return n_in * n_out
+    attn = kernel('attn/q', D, H * Dh) + kernel('attn/kv', D, 2 * K * Dh)
+    attn += kernel('attn/o', H * Dh, D) + b * ((H + 2 * K) * Dh + D)
     mlp_in = 2 * F if self.mlp == 'swiglu' else F
-    mlp = D * mlp_in + F * D + b * (mlp_in + D)
+    mlp = kernel('mlp/wi', D, mlp_in) + kernel('mlp/wo', F, D) + b * (mlp_in + D)
     norm = D * (2 if self.norm == 'layernorm' and self.use_bias else 1)
     per_layer = attn + mlp + 2 * norm
     non_embedding = self.n_layers * per_layer + norm

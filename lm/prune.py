@@ -9,6 +9,7 @@ pruned weight by minus the weight, so pruned weights are exactly zero after ever
 whatever the optimizer (momentum, weight decay) does. Counts are exact: ranks, not thresholds,
 choose floor(sparsity * size) weights, ties included.
 """
+import itertools
 import re
 from typing import NamedTuple
 
@@ -76,7 +77,7 @@ def masks(params, old_masks, p: ml_collections.ConfigDict, sparsity):
       if _targeted(path, p.targets)]
   flat = jnp.concatenate([scores(w, old).ravel() for _, w, old in leaves])
   kept = _keep_largest(flat, jnp.floor(sparsity * flat.size))
-  offsets = [0, *jnp.cumsum(jnp.array([w.size for _, w, _ in leaves])).tolist()]
+  offsets = [0, *itertools.accumulate(w.size for _, w, _ in leaves)]
   by_path = {jax.tree_util.keystr(path): kept[a:b].reshape(w.shape)
              for (path, w, _), a, b in zip(leaves, offsets, offsets[1:])}
   return jax.tree_util.tree_map_with_path(
@@ -96,8 +97,9 @@ def keep_pruned(p: ml_collections.ConfigDict, total_steps: int) -> optax.Gradien
   weights at zero."""
   every = max(p.update_every, 1)
 
-  def init(params):
-    return PruneState(jnp.zeros([], jnp.int32), prune(params, p, total_steps)[1])
+  def init(params):   # the first update computes the masks from the weights of the start
+    return PruneState(jnp.zeros([], jnp.int32),
+                      jax.tree.map(lambda w: jnp.ones(w.shape, bool), params))
 
   def update(updates, state, params):
     step = state.count + 1

@@ -23,7 +23,8 @@ def _tokens(shape=(2, 16), seed=0):
   return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, 64)
 
 
-@pytest.mark.parametrize('overrides', [{}, LLAMA, dict(use_bias=False, tie_embeddings=False)])
+@pytest.mark.parametrize('overrides', [{}, LLAMA, dict(use_bias=False, tie_embeddings=False),
+                                       dict(LLAMA, lowrank_rank=3, lowrank_targets='q|o|wi')])
 def test_param_counts_match_initialised_model(overrides):
   model, _ = _model(**overrides)
   params = nn.unbox(model.init(jax.random.PRNGKey(0), _tokens())['params'])
