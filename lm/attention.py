@@ -68,7 +68,7 @@ def splash_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, window: i
       splash_mask.MultiHeadMask([one] * (H // heads)), head_shards=1, q_seq_shards=1,
       block_sizes=splash.BlockSizes(block_q=bq, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                                     block_q_dq=bq, block_kv_dq=bkv),
-      interpret=jax.default_backend() != 'tpu')
+      interpret=_platform(mesh) != 'tpu')
 
   def per_shard(q, k, v):   # [b, L, h, Dh]: the kernel takes one example's [h, L, Dh]
     to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)
@@ -83,6 +83,13 @@ def splash_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, window: i
   spec = P(*spec)
   return jax.shard_map(per_shard, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh)
+
+
+def _platform(mesh) -> str:
+  """The platform the program is compiled for: the mesh's devices (TPU chips of a topology
+  when compiling ahead of time on a CPU machine), else the default backend."""
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
 
 
 def attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, *, causal: bool, implementation: str,
