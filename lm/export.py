@@ -21,6 +21,7 @@ def export(workdir: str, out: str, merge_lora: bool) -> epath.Path:
   params = runs.merged_params(run)
   config = run.config
   config.lora.rank = 0
+  config.quant.scheme = 'none'   # merged_params dequantizes (a QLoRA base, a quantized run)
   config.train.init_from = ''
   # the layers are now in logical order on one device: no circular-pipeline layout
   config.model.pipeline_repeats = 1

@@ -145,6 +145,12 @@ def test_sample_reward_and_export_commands(chain, held_out, tmp_path):
                       '--merge_lora')
   assert exported.returncode == 0, exported.stderr[-2000:]
   assert tasks.evaluate(str(merged), tasks.heldout(data, 'test')) == held_out['lora_sft']
+  # QLoRA: the adapters fold into the dequantized NF4 base, a plain float run
+  exported = _command('lm.export', '--workdir', runs['qlora_sft'][0], '--out', tmp_path / 'q',
+                      '--merge_lora')
+  assert exported.returncode == 0, exported.stderr[-2000:]
+  assert json.loads((tmp_path / 'q' / 'config.json').read_text())['quant']['scheme'] == 'none'
+  assert tasks.evaluate(str(tmp_path / 'q'), tasks.heldout(data, 'test')) == held_out['qlora_sft']
 
 
 def test_rl_refuses_a_reward_model_of_another_vocabulary(chain, tfds_dir, tmp_path):
