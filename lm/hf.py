@@ -27,7 +27,7 @@ from flax import traverse_util
 
 from lm import config as config_lib
 from lm import hf_layout as layout
-from lm import runs, sharding, steps
+from lm import lowrank, runs, sharding, steps
 from lm.config import ConfigError
 from lm.data import tokenizers
 
@@ -272,10 +272,14 @@ def write_tokenizer(tokenizer, out: epath.Path, max_len: int) -> None:
 
 def export_model(workdir: str, out: str, dtype: str = 'float32',
                  max_shard_bytes: int = 2 << 30, with_tokenizer: bool = True) -> list[str]:
-  """Writes a Hugging Face model directory from a run (LoRA adapters merged first)."""
+  """Writes a Hugging Face model directory from a run (LoRA adapters merged, low-rank kernels
+  multiplied out, quantized ones dequantized first)."""
   run = runs.load(workdir, '--workdir')
   family = layout.family_of(run.config.model)
-  params = runs.merged_params(run)
+  params = lowrank.folded(jax.device_get(runs.merged_params(run)))
+  if 'layers_0' in params:   # unrolled layers: stacked, as the tables read them
+    unrolled = [params.pop(f'layers_{i}') for i in range(run.model_config.n_layers)]
+    params['layers'] = jax.tree.map(lambda *layers: np.stack(layers), *unrolled)
   params = {k: v for k, v in params.items() if k != 'score_head'}
   target = epath.Path(out)
   target.mkdir(parents=True, exist_ok=True)

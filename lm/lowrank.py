@@ -97,6 +97,18 @@ def compress(workdir: str, out: str, rank: int | None, energy: float | None,
                                      for p in kernels), 'out': str(step_dir)}
 
 
+def folded(params):
+  """`params` with every factored kernel multiplied back out (kernel = u @ v), for formats
+  that know only dense kernels (Hugging Face export)."""
+  flat = traverse_util.flatten_dict(params)
+  for path in [p[:-1] for p in flat if p[-1] == 'u']:
+    u, v = flat.pop(path + ('u',)), flat.pop(path + ('v',))
+    product = lambda u, v: np.tensordot(np.asarray(u), np.asarray(v), 1)
+    flat[path + ('kernel',)] = (np.stack([product(a, b) for a, b in zip(u, v)])
+                                if path[0] == 'layers' else product(u, v))
+  return traverse_util.unflatten_dict(flat)
+
+
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(prog='python -m lm.lowrank', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,7 +11,7 @@ import safetensors.numpy
 import tokenizers as hf_tokenizers
 from etils import epath
 
-from lm import hf, runs
+from lm import hf, lowrank, runs
 from lm.data import tokenizers
 from tests.conftest import flat
 
@@ -57,6 +57,28 @@ def test_export_writes_the_original_tensors_and_reimports_bitwise(tmp_path, name
   config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   for key in ('vocab_size', 'eos_token_id', 'bos_token_id', 'tie_word_embeddings'):
     assert config[key] == json.loads((FIXTURES / name / 'config.json').read_text())[key], key
+
+
+def test_low_rank_and_unrolled_runs_export_their_dense_kernels(tmp_path):
+  """A full-rank factored run (lm.lowrank) exports the fixture's own tensors (u @ v multiplied
+  out), and the same run with unrolled layers exports the same file."""
+  hf.import_model(str(FIXTURES / 'hf_tiny_llama'), str(tmp_path / 'a'))
+  lowrank.compress(str(tmp_path / 'a'), str(tmp_path / 'r'), 32, None, 'attn/(q|kv|o)|mlp/wi')
+  run = runs.load(str(tmp_path / 'r'), 'run')
+  config = run.config
+  config.model.scan_layers = False
+  unrolled = {k: v for k, v in run.variables['params'].items() if k != 'layers'}
+  for i in range(config.model.n_layers):
+    unrolled[f'layers_{i}'] = jax.tree.map(lambda x, i=i: np.asarray(x[i]),
+                                           run.variables['params']['layers'])
+  runs.write(tmp_path / 'u', config, unrolled, run.tokenizer, step=0)
+  original = safetensors.numpy.load_file(str(FIXTURES / 'hf_tiny_llama' / 'model.safetensors'))
+  for name in ('r', 'u'):
+    hf.export_model(str(tmp_path / name), str(tmp_path / f'hf_{name}'))
+    exported = safetensors.numpy.load_file(str(tmp_path / f'hf_{name}' / 'model.safetensors'))
+    assert set(exported) == set(original)
+    for k, v in original.items():
+      np.testing.assert_allclose(exported[k], v, atol=1e-5, err_msg=k)
 
 
 def test_hf_tokenizer_is_a_tokenizer_kind_with_its_special_tokens(tmp_path):

@@ -40,6 +40,11 @@ def test_full_rank_reproduces_the_model_and_truncation_is_numpys_svd(tmp_path, s
   full = lowrank.compress(dense, str(tmp_path / 'full'), 32, None, 'attn/(q|kv|o)|mlp/(wi|wo)')
   np.testing.assert_allclose(_logits(str(tmp_path / 'full'), tokens), _logits(dense, tokens),
                              atol=2e-4, rtol=1e-4)
+  dense_params = runs.load(dense, 'run').variables['params']
+  for a, b in zip(jax.tree.leaves(lowrank.folded(runs.load(str(tmp_path / 'full'), 'run')
+                                                 .variables['params'])),
+                  jax.tree.leaves(dense_params)):   # u @ v multiplied back out
+    np.testing.assert_allclose(a, b, atol=1e-5)
   assert full['kernels'] == (5 if scan_layers else 10)   # a scanned kernel holds both layers
   assert full['min_energy_kept'] == pytest.approx(1.0)
 
