@@ -67,7 +67,9 @@ def get_config(variant: str = 'sft'):
     c.rl.update(updates_per_rollout=2, gamma=1.0, gae_lambda=0.95, value_coef=0.05)
   if stage == 'dpo':
     c.optim.update(lr=2e-4, min_lr=2e-5, warmup_steps=0, schedule='constant')
-    c.dpo.beta = 0.1
+    # RPO's NLL term on the chosen answer keeps greedy answers right: plain DPO (weight 0)
+    # lowered held-out greedy exact match to 0.956 in one measurement
+    c.dpo.update(beta=0.1, sft_weight=0.5)
   if stage in ('lora_sft', 'qlora_sft'):
     c.lora.update(rank=4, alpha=32.0)   # 4.2% of the parameters
     c.optim.lr = 3e-3

@@ -40,6 +40,9 @@ def evaluate(workdir: str, splits=('validation', 'test'), source: str | None = N
   devices = jax.device_count()
   config.mesh.shape = (-1, 1, 1, 1)   # every device, data parallel
   config.train.eval_batch_size = math.ceil(config.train.eval_batch_size / devices) * devices
+  # unused here, but validated: a training batch these devices cannot split is not an error
+  config.train.update(batch_size=math.ceil(config.train.batch_size / devices) * devices,
+                      grad_accum_steps=1)
   if eval_batches:
     config.train.eval_batches = eval_batches
   config, data, program = train.setup(config, run.step_dir.parent.parent)

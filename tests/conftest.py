@@ -38,6 +38,19 @@ def tfds_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
+@pytest.fixture(scope='session')
+def char_run(tmp_path_factory, tfds_dir):
+  """The default experiment trained for 100 steps (its smoke variant), once per test process:
+  where the compression commands' tests start (they write their runs elsewhere)."""
+  from tests.test_train import run_main  # test_train imports this module
+  workdir = tmp_path_factory.mktemp('char_run') / 'run'
+  run_main(workdir, '--config.train.steps=100', '--config.train.eval_every=100',
+           '--config.train.checkpoint_every=100', '--config.train.eval_batches=4',
+           '--config.sample.num_tokens=0', f'--config.data.dir={tfds_dir}',
+           config='experiments/shakespeare_char.py:smoke')
+  return workdir
+
+
 def build_program(config, shape=(1, 1, 1, 1), devices=None) -> steps.Program:
   """The jitted program of `config` on a mesh of `shape` over the first devices."""
   devices = devices or jax.devices()[:int(np.prod(shape))]

@@ -88,14 +88,11 @@ def test_bad_requests_are_refused(tmp_path):
       lowrank.compress(dense, str(tmp_path / 'x'), args['rank'], args['energy'], args['targets'])
 
 
-def test_lowrank_command_then_fine_tune_from_it(tmp_path, tfds_dir):
+def test_lowrank_command_then_fine_tune_from_it(char_run, tmp_path, tfds_dir):
   flags = ('--config.train.eval_batches=4', '--config.sample.num_tokens=0',
            f'--config.data.dir={tfds_dir}')
-  run_main(tmp_path / 'dense', *flags, '--config.train.steps=30',
-           '--config.train.checkpoint_every=30', '--config.train.eval_every=30',
-           config='experiments/shakespeare_char.py:smoke')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  command = [sys.executable, '-m', 'lm.lowrank', '--workdir', str(tmp_path / 'dense')]
+  command = [sys.executable, '-m', 'lm.lowrank', '--workdir', str(char_run)]
   done = subprocess.run([*command, '--rank', '8', '--out', str(tmp_path / 'r8')],
                         capture_output=True, text=True, env=env, cwd=ROOT)
   summary = json.loads(done.stdout.strip().splitlines()[-1])

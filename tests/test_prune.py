@@ -141,12 +141,8 @@ def test_bad_pruning_configs_are_refused(overrides, message):
     config_lib.validate(config_lib.resolve(config, None), 1)
 
 
-def test_prune_experiment_from_a_trained_run(tmp_path, tfds_dir):
-  flags = ('--config.train.eval_batches=4', '--config.sample.num_tokens=0',
-           f'--config.data.dir={tfds_dir}')
-  run_main(tmp_path / 'dense', *flags, config='experiments/shakespeare_char.py:smoke')
-  run_main(tmp_path / 'pruned', *flags, config=f'experiments/prune_shakespeare.py:nm,'
-           f'smoke,init_from={tmp_path / "dense"}')
+def test_prune_experiment_from_a_trained_run(char_run, tmp_path, tfds_dir):
+  run_main(tmp_path / 'pruned', '--config.train.eval_batches=4', f'--config.data.dir={tfds_dir}',
+           config=f'experiments/prune_shakespeare.py:nm,smoke,init_from={char_run}')
   final = json.loads((tmp_path / 'pruned' / 'final.json').read_text())
   assert final['sparsity'] == 0.5 and final['val_loss'] < 4.0, final
-

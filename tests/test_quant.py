@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import quant, runs
+from lm import evaluate, quant, quantize, runs
 from tests.conftest import build_program, random_batch, tiny_config
-from tests.test_train import ROOT, run_main
+from tests.test_train import ROOT
 
 # NF4's 16 levels (Dettmers et al. 2023, appendix E), written out here independently of qwix
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -112,32 +112,31 @@ def test_quantized_model_equals_float_model_with_dequantized_kernels_sharded(sch
   np.testing.assert_allclose(logits[(1, 2, 4, 1)], logits[(1, 1, 1, 1)], atol=1e-5)
 
 
-def _quantize(*args):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return subprocess.run([sys.executable, '-m', 'lm.quantize', *map(str, args)],
-                        capture_output=True, text=True, env=env, cwd=ROOT)
+def _quantize(capsys, *args):
+  """`python -m lm.quantize ARGS` in this process: (exit code, stdout, stderr)."""
+  code = 0
+  try:
+    quantize.main([str(a) for a in args])
+  except SystemExit as e:
+    code = e.code
+  out = capsys.readouterr()
+  return code, out.out, out.err
 
 
-def _evaluate(workdir):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  done = subprocess.run([sys.executable, '-m', 'lm.evaluate', '--workdir', str(workdir),
-                         '--split', 'validation', '--eval_batches', '20'],
-                        capture_output=True, text=True, env=env, cwd=ROOT, check=True)
-  return json.loads(done.stdout.strip().splitlines()[-1])
+def _val_loss(workdir) -> float:
+  return evaluate.evaluate(str(workdir), ('validation',), eval_batches=20)['val_loss']
 
 
-def test_quantize_command_evaluates_samples_and_refuses_bad_input(tmp_path, tfds_dir):
-  """The default experiment (smoke length): int8 moves validation loss by < 1% relative,
-  4-bit kernels take under 30% of their bfloat16 bytes; quantized runs sample."""
-  run_main(tmp_path / 'run', '--config.train.steps=200', '--config.train.eval_every=200',
-           '--config.train.checkpoint_every=200', '--config.sample.num_tokens=0',
-           f'--config.data.dir={tfds_dir}', config='experiments/shakespeare_char.py:smoke')
-  before = _evaluate(tmp_path / 'run')['val_loss']
+def test_quantize_command_evaluates_samples_and_refuses_bad_input(char_run, tmp_path, capsys):
+  """The default experiment (100 steps): int8 moves validation loss by < 1% relative, 4-bit
+  kernels take under 30% of their bfloat16 bytes; quantized runs sample."""
+  before = _val_loss(char_run)
   for scheme in ('int8', 'int4', 'nf4'):
-    done = _quantize('--workdir', tmp_path / 'run', '--scheme', scheme, '--out', tmp_path / scheme)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    after = _evaluate(tmp_path / scheme)['val_loss']
+    code, out, err = _quantize(capsys, '--workdir', char_run, '--scheme', scheme, '--out',
+                               tmp_path / scheme)
+    assert code == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    after = _val_loss(tmp_path / scheme)
     ratio = summary['kernel_bytes_quantized'] / summary['kernel_bytes_bfloat16']
     if scheme == 'int8':
       assert abs(after - before) / before < 0.01, (before, after)
@@ -145,6 +144,7 @@ def test_quantize_command_evaluates_samples_and_refuses_bad_input(tmp_path, tfds
     else:
       assert abs(after - before) / before < 0.05, (scheme, before, after)
       assert ratio <= 0.30, ratio   # half a byte per weight, a bfloat16 scale per 32
+    assert after != before
     assert summary['disk_bytes'] < summary['bytes_before']
   run = runs.load(str(tmp_path / 'nf4'), 'run')
   assert quant.kernels(run.variables['params'])   # read back quantized
@@ -156,10 +156,9 @@ def test_quantize_command_evaluates_samples_and_refuses_bad_input(tmp_path, tfds
 
   for args, message in (
       (('--workdir', tmp_path / 'nowhere', '--scheme', 'int8'), 'nowhere'),
-      (('--workdir', tmp_path / 'run', '--scheme', 'int3'), "--scheme='int3'"),
-      (('--workdir', tmp_path / 'run', '--scheme', 'int4', '--group_size', '48'),
+      (('--workdir', char_run, '--scheme', 'int3'), "--scheme='int3'"),
+      (('--workdir', char_run, '--scheme', 'int4', '--group_size', '48'),
        'group_size=48 does not divide model.d_model=128'),
       (('--workdir', tmp_path / 'int8', '--scheme', 'int4'), 'already quantized')):
-    done = _quantize(*args, '--out', tmp_path / 'bad')
-    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
-    assert len(done.stderr.strip().splitlines()) == 1
+    code, _, err = _quantize(capsys, *args, '--out', tmp_path / 'bad')
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err[-2000:]
