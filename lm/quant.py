@@ -20,13 +20,16 @@ from qwix._src.providers import ptq
 from lm import model as model_lib
 
 SCHEMES = {'int8': jnp.int8, 'int4': jnp.int4, 'nf4': 'nf4'}
-# 4-bit kernels are quantized from bfloat16, so their scales are bfloat16: with groups of 32 a
-# float32 scale would add a quarter of the 4-bit payload (QLoRA double-quantizes instead)
+
+
 def _four_bit(qtype) -> bool:
   return qtype == 'nf4' if isinstance(qtype, str) else jnp.dtype(qtype) == jnp.int4
 
 
 def _quantize(w, how: qarray.HowToQuantize) -> qarray.QArray:
+  """qwix's quantization, except that 4-bit kernels are quantized from bfloat16 with
+  bfloat16 scales: with groups of 32 a float32 scale would add a quarter of the 4-bit payload
+  (QLoRA double-quantizes its scales instead)."""
   if not _four_bit(how.qtype):
     return qarray.quantize(w, how)
   # bfloat16 scales, rounded up so that no weight falls outside the range, then the weights
@@ -48,6 +51,7 @@ class _QArrays:
 
   def __getattr__(self, name):
     return getattr(qarray, name)
+
 
 def transformer(cfg: model_lib.ModelConfig, decode: bool = False) -> nn.Module:
   """The Transformer, whose Linear kernels matching cfg.quant_targets (searched in the module
