@@ -505,5 +505,10 @@ def _validate_prune(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.prune.n={p.n} must be in 1 .. config.prune.m - 1 = {p.m - 1}')
   if p.method == 'nm' and p.schedule != 'oneshot':
     raise ConfigError("config.prune.method='nm' prunes one-shot: config.prune.schedule='oneshot'")
+  m = c.model   # N:M groups run along each kernel's first input axis
+  for name, size in (('d_model', m.d_model), ('n_heads', m.n_heads), ('d_ff', m.d_ff)):
+    if p.method == 'nm' and size > 0 and size % p.m:
+      raise ConfigError(f'config.prune.m={p.m} does not divide model.{name}={size}, an axis the '
+                        'groups run along')
   if c.lora.rank:
     raise ConfigError('config.prune with config.lora.rank > 0: the pruned base would stay frozen')

@@ -133,6 +133,7 @@ def test_gradual_schedule_rises_cubically_to_the_target():
     (dict(method='nm', n=4, m=4), 'config.prune.n=4 must be in 1 .. config.prune.m - 1 = 3'),
     (dict(method='nm', schedule='gradual'), "prunes one-shot"),
     (dict(method='random'), "config.prune.method='random' is not one of"),
+    (dict(method='nm', n=1, m=3), 'config.prune.m=3 does not divide model.d_model=32'),
 ])
 def test_bad_pruning_configs_are_refused(overrides, message):
   config = tiny_config()
