@@ -6,12 +6,11 @@ import tempfile
 import jax
 from etils import epath
 
+from lm import tpus
+
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets; matched against
 # jax.Device.device_kind in order (so 'TPU v5 lite' is matched before 'TPU v5').
-PEAK_FLOPS = (
-    ('TPU v6 lite', 918e12), ('TPU v6e', 918e12),
-    ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12), ('TPU v5', 459e12),
-    ('TPU v4', 275e12),
+PEAK_FLOPS = tuple((g.device_kind, g.peak_flops) for g in tpus.GENERATIONS.values()) + (
     ('H200', 989e12), ('H100', 989e12), ('A100', 312e12),
 )
 

@@ -24,7 +24,7 @@ SMALL = ['--config.model.n_layers=2', '--config.model.d_model=64', '--config.tra
 KILLED_MAIN = '''
 import os, signal, sys
 from absl import app
-from lm import checkpoint, main, train
+from lm import checkpoint, cli, main, train
 KILL_AT, WAIT_AT = int(sys.argv.pop(1)), int(sys.argv.pop(1))
 save, push = checkpoint.Checkpointer.save, train.Logger.push
 def save_and_wait(self, step, *args):
@@ -36,7 +36,7 @@ def push_or_die(self, step, metrics):
     os.kill(os.getpid(), signal.SIGKILL)
   push(self, step, metrics)
 checkpoint.Checkpointer.save, train.Logger.push = save_and_wait, push_or_die
-app.run(main.main, flags_parser=main.parse_flags)
+app.run(main.main, flags_parser=cli.parse_flags)
 '''
 
 

@@ -1,0 +1,51 @@
+"""What every command shares: absl flag parsing where a missing experiment file or an unknown
+`--config.*` override key is one line on stderr and exit code 2, not a traceback."""
+import os
+import sys
+
+from absl import flags
+
+
+def _config_path(argv: list[str]) -> str | None:
+  """The experiment file named by --config (without its :variant), read from the command line:
+  with overrides present, a missing file fails while the flags are parsed."""
+  for i, arg in enumerate(argv):
+    if arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith('--config='):
+      value = arg.removeprefix('--config=')
+    else:
+      continue
+    return value if os.path.exists(value) else value.rpartition(':')[0] or value
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a missing experiment file or a mistyped override key reported
+  as one line (exit 2) instead of a traceback."""
+  path = _config_path(argv)
+  if path is not None and not os.path.exists(path):
+    fail(f'--config: no such experiment file: {path}')
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:   # an override naming a key the config lacks
+    fail(f'a --config.* override names no config key: {_one_line(e)}')
+
+
+def load_config(holder: flags.FlagHolder):
+  """The experiment's config with the overrides applied (they are applied on first use)."""
+  try:
+    return holder.value
+  except (AttributeError, KeyError) as e:
+    fail(f'a --config.* override names no config key: {_one_line(e)}')
+
+
+def _one_line(error: Exception) -> str:
+  """ml_collections' message, which arrives as the repr of a KeyError's text, as one line."""
+  text = str(error.args[0] if error.args else error)
+  return ' '.join(text.replace('\\n', ' ').replace('\\', '').replace("'", '').split())
+
+
+def fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)

@@ -1,0 +1,131 @@
+"""lm.plan: the real train step compiled for a TPU slice by libtpu (the `tpu` extra), no TPU
+needed; memory, FLOPs and collectives read back from the compiled program."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lm import config_post, plan, tpus
+from lm.checks import ConfigError
+from tests.conftest import tiny_config
+
+V5E_4 = tpus.parse('v5e:2x2')
+
+
+def _config(mesh=(1, 4, 1, 1), batch=8, seq_len=128, **model):
+  """A model large enough that parameters, not constants, dominate the memory figures."""
+  config = tiny_config(**{**dict(d_model=256, n_heads=4, n_kv_heads=4, d_ff=1024,
+                                 vocab_size=512, dtype='bfloat16'), **model})
+  config.data.seq_len = seq_len
+  config.train.batch_size = batch
+  config.mesh.shape = mesh
+  return config
+
+
+def test_fsdp_holds_a_quarter_of_the_data_parallel_state_per_chip():
+  fsdp = plan.plan(_config((1, 4, 1, 1)), V5E_4, unroll=False)
+  replicated = plan.plan(_config((4, 1, 1, 1)), V5E_4, unroll=False)
+  # parameters + AdamW's two moments in float32: 12 bytes per parameter, all on each chip
+  assert replicated['state_gb'] == pytest.approx(12 * replicated['params'] / 1e9, rel=1e-3)
+  assert fsdp['state_gb'] == pytest.approx(replicated['state_gb'] / 4, rel=0.10)
+  assert fsdp['collectives']['all-gather'] > 0 and 'all-gather' not in replicated['collectives']
+  for row in (fsdp, replicated):
+    assert row['fits'] and row['total_gb'] >= row['state_gb'] > 0 and row['temp_gb'] > 0
+    assert row['chips'] == 4 and row['hbm_gb'] == tpus.GENERATIONS['v5e'].hbm_gb
+
+
+def test_full_remat_needs_fewer_temporary_bytes_than_none():
+  # activations (attention scores above all) outweigh the gradients here
+  shape = dict(batch=32, seq_len=512, n_layers=4, d_model=128, d_ff=512)
+  none = plan.plan(_config(remat='none', **shape), V5E_4, unroll=False)
+  full = plan.plan(_config(remat='full', **shape), V5E_4, unroll=False)
+  assert full['temp_gb'] < 0.5 * none['temp_gb']
+
+
+@pytest.mark.parametrize('scan', [True, False])
+def test_planned_flops_agree_with_the_model_count(scan):
+  """Unrolled (or the twin of a scanned program), the compiler's FLOPs per chip are the
+  model's within 10%: it also counts the softmax, norms, loss and optimizer (elementwise),
+  and the masked half of causal attention that flops_per_token counts too."""
+  row = plan.plan(_config(scan_layers=scan), V5E_4)
+  assert row['cost_from'] == 'unrolled'
+  assert row['step_flops'] == pytest.approx(row['model_flops_per_chip'], rel=0.10)
+  assert row['est_step_s'] > 0 and 0 < row['est_mfu'] < 1
+  assert row['tokens_per_s_per_chip'] == pytest.approx(8 * 128 / row['est_step_s'] / 4)
+  scanned = plan.plan(_config(scan_layers=True), V5E_4, unroll=False)
+  assert scanned['cost_from'] == 'scanned'   # one layer of two counted: clearly fewer FLOPs
+  assert scanned['step_flops'] < 0.8 * row['step_flops']
+
+
+def test_a_pipelined_config_compiles_with_collective_permutes():
+  config = _config((1, 2, 1, 2), n_layers=4)
+  config.model.pipeline_microbatches = 2
+  row = plan.plan(config, V5E_4)
+  assert row['collectives']['collective-permute'] > 0
+  assert row['mesh'] == {'data': 1, 'fsdp': 2, 'tensor': 1, 'stage': 2}
+  assert row['cost_from'] == 'scanned'
+
+
+def test_a_config_that_does_not_fit_says_by_how_much(monkeypatch):
+  monkeypatch.setitem(tpus.GENERATIONS, 'v5e',
+                      tpus.GENERATIONS['v5e'].__class__(**{
+                          **tpus.GENERATIONS['v5e'].__dict__, 'hbm_gb': 0.001}))
+  row = plan.plan(_config(), tpus.parse('v5e:2x2'), unroll=False)
+  assert not row['fits'] and row['hbm_gb'] == 0.001
+  assert f'no (+{row["total_gb"] - 0.001:.1f} GB)' in plan.table([row], [])
+
+
+@pytest.mark.parametrize('name, generation, shape', [
+    ('v4-32', 'v4', (2, 2, 4)), ('v5e-16', 'v5e', (4, 4)), ('v5litepod-16', 'v5e', (4, 4)),
+    ('v5p-64', 'v5p', (2, 4, 4)), ('v5p-8', 'v5p', (2, 2, 1)), ('v6e-8', 'v6e', (2, 4)),
+    ('v5e:2x2', 'v5e', (2, 2))])
+def test_slice_names(name, generation, shape):
+  topology = tpus.parse(name)
+  assert (topology.generation, topology.shape) == (generation, shape)
+  devices = topology.devices()
+  assert len(devices) == topology.chips
+  assert devices[0].device_kind == topology.spec.device_kind
+
+
+def test_bad_input(monkeypatch):
+  with pytest.raises(ConfigError, match=r"'v5p-7' is not a known TPU slice; known: v4-8"):
+    tpus.parse('v5p-7')
+  with pytest.raises(ConfigError, match=r'needs 8 devices but 4 are available'):
+    plan.plan(_config((1, 8, 1, 1)), V5E_4)
+  objective = next(k for k, v in config_post.OBJECTIVE_FORMATS.items() if v != 'text')
+  config = _config()
+  config.train.objective = objective
+  with pytest.raises(ConfigError, match='lm.plan plans objectives that read text'):
+    plan.compile_train_step(config, V5E_4.devices())
+  monkeypatch.setattr(tpus.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(ConfigError, match=r"needs libtpu: pip install -e '.\[tpu\]'"):
+    V5E_4.devices()
+
+
+def test_sweep_values_parse_as_literals_or_strings():
+  assert plan.sweep_points(['model.remat=none,full']) == [
+      {'model.remat': 'none'}, {'model.remat': 'full'}]
+  assert plan.sweep_points(['mesh.shape=(1,4,1,1),(4,1,1,1)', 'train.batch_size=8,16']) == [
+      {'mesh.shape': m, 'train.batch_size': b} for m in [(1, 4, 1, 1), (4, 1, 1, 1)]
+      for b in (8, 16)]
+  with pytest.raises(ConfigError, match='must be KEY=V1,V2'):
+    plan.sweep_points(['model.remat'])
+
+
+def test_command_prints_a_json_line_per_point_and_a_table():
+  args = [sys.executable, '-m', 'lm.plan', '--config', 'experiments/shakespeare_char.py',
+          '--topology', 'v5e-4', '--sweep', 'model.remat=none,full', '--nounroll',
+          '--config.train.batch_size=8', '--config.model.n_layers=2']
+  out = subprocess.run(args, capture_output=True, text=True, check=True).stdout.splitlines()
+  rows = [json.loads(line) for line in out if line.startswith('{')]
+  assert [r['model.remat'] for r in rows] == ['none', 'full']
+  for row in rows:
+    assert {'topology', 'chips', 'hbm_gb', 'state_gb', 'temp_gb', 'fits', 'step_flops',
+            'est_step_s', 'est_mfu', 'tokens_per_s_per_chip', 'collectives',
+            'compile_s'} <= set(row)
+    assert row['topology'] == 'v5e-4' and row['chips'] == 4
+  assert out[-4].startswith('| remat | mesh | state GB') and out[-1].startswith('| full | 4x1')
+  bad = subprocess.run(args[:5] + ['--topology', 'v9-8'], capture_output=True, text=True)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: --topology='v9-8' is not")
