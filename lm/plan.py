@@ -64,22 +64,53 @@ def collectives(hlo: str) -> dict[str, int]:
   return {k: v for k, v in counts.items() if v}
 
 
-def compile_train_step(config: ml_collections.ConfigDict, devices: list):
-  """(compiled train step, its program, seconds to lower and compile) of a resolved config on
-  a mesh over `devices`."""
+def program_on(config: ml_collections.ConfigDict, devices: list) -> steps.Program:
+  """The program a run of a resolved config builds, on a mesh over `devices`."""
   if config_post.OBJECTIVE_FORMATS[config.train.objective] != 'text':
     raise ConfigError(f'config.train.objective={config.train.objective!r}: lm.plan plans '
                       'objectives that read text (lm, mlm)')
-  mesh = sharding.make_mesh(config_lib.mesh_shape(config, len(devices)), devices)
-  program = steps.build(config, mesh)
+  return steps.build(config, sharding.make_mesh(config_lib.mesh_shape(config, len(devices)),
+                                                devices))
+
+
+def compile_train_step(program: steps.Program, config: ml_collections.ConfigDict):
+  """The program's train step compiled for its mesh's devices, from abstract state and batch."""
   batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32,
                                    sharding=program.batch_sharding)
            for k in ('inputs', 'targets')}
-  start = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(program.rules):
-    compiled = program.jitted_train_step.__wrapped__.lower(
+  with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
+    return program.jitted_train_step.__wrapped__.lower(
         program.abstract_state, batch, program.abstract_frozen).compile()
-  return compiled, program, time.perf_counter() - start
+
+
+def _out_of_memory(error: Exception) -> dict:
+  """The plan's memory fields from XLA's refusal of a program larger than HBM ('Ran out of
+  memory on HBM, the total memory required for HLO temporaries (172.77G) exceeds available
+  HBM (95.74G)'; G: 2^30 bytes). Other compile errors are raised."""
+  text = str(error)
+  if 'RESOURCE_EXHAUSTED' not in text:
+    raise error
+  needed = re.search(r'HLO temporaries \(([\d.]+)G\)', text)
+  return {'temp_gb': float(needed[1]) * 2**30 / GB if needed else None, 'fits': False,
+          'error': text.splitlines()[0].partition('RESOURCE_EXHAUSTED: ')[2]}
+
+
+def _cost(config: ml_collections.ConfigDict, program: steps.Program, compiled,
+          unroll: bool) -> tuple[dict, str]:
+  """(XLA's cost analysis, 'unrolled' | 'scanned'): a scanned program's loop body is counted
+  once, so its FLOPs and time come from a twin with the layers unrolled where it can be
+  built (not with pipeline stages) and compiled (it may not fit where the scan does)."""
+  if not config.model.scan_layers:
+    return compiled.cost_analysis(), 'unrolled'
+  if unroll and program.mesh.shape['stage'] == 1:
+    twin = config.unlock().copy_and_resolve_references()
+    twin.model.scan_layers = False
+    try:
+      return compile_train_step(program_on(twin, program.mesh.devices.flatten().tolist()),
+                                twin).cost_analysis(), 'unrolled'
+    except jax.errors.JaxRuntimeError as e:
+      _out_of_memory(e)
+  return compiled.cost_analysis(), 'scanned'
 
 
 def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: bool = True) -> dict:
@@ -88,40 +119,41 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
   config_lib.validate(config_lib.resolve(config, None), len(devices))
   config = config_lib.resolve(config, _vocab_size(config))
   config_lib.validate(config, len(devices))
-  compiled, program, compile_s = compile_train_step(config, devices)
-  memory = compiled.memory_analysis()
-  cost, cost_from = compiled.cost_analysis(), 'unrolled'
-  if config.model.scan_layers and program.mesh.shape['stage'] > 1:
-    cost_from = 'scanned'
-  elif config.model.scan_layers and unroll:
-    twin = config.unlock().copy_and_resolve_references()
-    twin.model.scan_layers = False
-    cost = compile_train_step(twin, devices)[0].cost_analysis()
-  elif config.model.scan_layers:
-    cost_from = 'scanned'
+  program = program_on(config, devices)
   chips, spec = topology.chips, topology.spec
+  state = program.abstract_state
+  row = {'topology': topology.name, 'chips': chips, 'hbm_gb': spec.hbm_gb,
+         'mesh': dict(program.mesh.shape),
+         'params': program.model_config.param_counts()['total'],
+         'state_gb': _bytes_per_chip((state.params, state.opt_state)) / GB,
+         'frozen_gb': _bytes_per_chip(program.abstract_frozen) / GB}
   tokens = config.train.batch_size * config.data.seq_len
   model_flops = program.model_config.flops_per_token(config.data.seq_len) * tokens
-  state = program.abstract_state
-  state_gb = _bytes_per_chip((state.params, state.opt_state)) / GB
+  row['model_flops_per_chip'] = model_flops / chips
+  start = time.perf_counter()
+  try:
+    compiled = compile_train_step(program, config)
+  except jax.errors.JaxRuntimeError as e:
+    row.update(_out_of_memory(e))
+    live = row['state_gb'] + row['frozen_gb']
+    return {**row, 'total_gb': row['temp_gb'] and live + row['temp_gb'], 'step_flops': None,
+            'est_step_s': None, 'est_mfu': None, 'tokens_per_s_per_chip': None,
+            'cost_from': None, 'collectives': {}, 'compile_s': time.perf_counter() - start}
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
   live = (memory.argument_size_in_bytes + memory.output_size_in_bytes
           - memory.alias_size_in_bytes)   # the donated state's outputs reuse its buffers
   # the larger of XLA's temporary allocation and its peak heap less the arguments: libtpu
   # 0.0.42 reports a temp_size of 0, or less than the peak, for some programs
   temp = max(memory.temp_size_in_bytes, memory.peak_memory_in_bytes - live)
+  cost, cost_from = _cost(config, program, compiled, unroll)
   step_s = cost['optimal_seconds']
-  return {
-      'topology': topology.name, 'chips': chips, 'hbm_gb': spec.hbm_gb,
-      'mesh': dict(program.mesh.shape),
-      'params': program.model_config.param_counts()['total'], 'state_gb': state_gb,
-      'frozen_gb': _bytes_per_chip(program.abstract_frozen) / GB,
-      'temp_gb': temp / GB, 'total_gb': (live + temp) / GB,
-      'fits': (live + temp) / GB <= spec.hbm_gb, 'step_flops': cost['flops'],
-      'model_flops_per_chip': model_flops / chips, 'est_step_s': step_s,
-      'est_mfu': model_flops / (step_s * chips * spec.peak_flops),
-      'tokens_per_s_per_chip': tokens / step_s / chips, 'cost_from': cost_from,
-      'collectives': collectives(compiled.as_text()), 'compile_s': compile_s,
-  }
+  return {**row, 'temp_gb': temp / GB, 'total_gb': (live + temp) / GB,
+          'fits': (live + temp) / GB <= spec.hbm_gb, 'step_flops': cost['flops'],
+          'est_step_s': step_s,
+          'est_mfu': model_flops / (step_s * chips * spec.peak_flops),
+          'tokens_per_s_per_chip': tokens / step_s / chips, 'cost_from': cost_from,
+          'collectives': collectives(compiled.as_text()), 'compile_s': compile_s}
 
 
 def table(rows: list[dict], swept: list[str]) -> str:
@@ -130,13 +162,15 @@ def table(rows: list[dict], swept: list[str]) -> str:
       'mesh', 'state GB', 'temp GB', 'total / HBM GB', 'fits', 'est step s', 'est MFU',
       'tok/s/chip', 'compile s']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+  show = lambda value, form: '-' if value is None else format(value, form)
   for r in rows:
-    mesh = 'x'.join(str(v) for v in r['mesh'].values())
-    fits = 'yes' if r['fits'] else f'no (+{r["total_gb"] - r["hbm_gb"]:.1f} GB)'
+    over = r['total_gb'] and r['total_gb'] - r['hbm_gb']
+    fits = 'yes' if r['fits'] else f'no (+{show(over, ".1f")} GB)'
     cells = [str(r[k]) for k in swept] + [
-        mesh, f'{r["state_gb"]:.2f}', f'{r["temp_gb"]:.2f}',
-        f'{r["total_gb"]:.1f} / {r["hbm_gb"]:.0f}', fits, f'{r["est_step_s"]:.4g}',
-        f'{r["est_mfu"]:.1%}', f'{r["tokens_per_s_per_chip"]:,.0f}', f'{r["compile_s"]:.1f}']
+        'x'.join(str(v) for v in r['mesh'].values()), show(r['state_gb'], '.2f'),
+        show(r['temp_gb'], '.2f'), f'{show(r["total_gb"], ".1f")} / {r["hbm_gb"]:.0f}', fits,
+        show(r['est_step_s'], '.4g'), show(r['est_mfu'], '.1%'),
+        show(r['tokens_per_s_per_chip'], ',.0f'), show(r['compile_s'], '.1f')]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

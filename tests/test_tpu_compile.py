@@ -11,8 +11,9 @@ def _compiled_train_step(attention: str, window=None):
                        dtype='bfloat16', attention_window=window)
   config.data.seq_len = 512
   config.mesh.shape = (1, 4, 1, 1)   # FSDP over the 4 chips
-  return plan.compile_train_step(config_lib.resolve(config, None),
-                                 tpus.parse('v5e:2x2').devices())[0]
+  config = config_lib.resolve(config, None)
+  return plan.compile_train_step(plan.program_on(config, tpus.parse('v5e:2x2').devices()),
+                                 config)
 
 
 def test_splash_attention_compiles_for_a_tpu_topology():
