@@ -13,4 +13,5 @@ def get_config():
   c = gpt2_124m_lm1b.get_config()
   c.model.update(n_layers=48, d_model=1600, n_heads=25)
   c.optim.update(lr=2e-4, min_lr=2e-5)
+  c.train.grad_accum_steps = 1   # 32 sequences per chip (lm.plan: 74 of 102 GB)
   return c

@@ -19,8 +19,9 @@ def get_config():
                 packing='pack', add_eos=True)
   c.model.update(n_layers=12, d_model=768, n_heads=12, dropout=0.0, tie_embeddings=True,
                  dtype='bfloat16', vocab_multiple=128, scan_layers=True, remat='dots_no_batch')
-  c.train.update(steps=20000, batch_size=512, eval_every=1000, eval_batches=50,
-                 eval_batch_size=64, checkpoint_every=1000, log_every=20)
+  # 2 microbatches of 256: 32 sequences a step do not fit a v5e chip (lm.plan: 21 GB)
+  c.train.update(steps=20000, batch_size=512, grad_accum_steps=2, eval_every=1000,
+                 eval_batches=50, eval_batch_size=64, checkpoint_every=1000, log_every=20)
   c.optim.update(name='adamw', lr=6e-4, min_lr=6e-5, b1=0.9, b2=0.95, weight_decay=0.1,
                  warmup_steps=2000, schedule='cosine', clip_norm=1.0)
   c.mesh.shape = (1, -1, 1, 1)

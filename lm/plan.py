@@ -152,12 +152,13 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
   # 0.0.42 reports a temp_size of 0, or less than the peak, for some programs
   temp = max(memory.temp_size_in_bytes, memory.peak_memory_in_bytes - live)
   cost, cost_from = _cost(config, program, compiled, unroll)
-  step_s = cost['optimal_seconds']
+  # XLA's estimate comes out negative for some loops (seen with --nounroll): no estimate
+  step_s = cost['optimal_seconds'] if cost['optimal_seconds'] > 0 else None
   return {**row, 'temp_gb': temp / GB, 'total_gb': (live + temp) / GB,
           'fits': (live + temp) / GB <= spec.hbm_gb, 'step_flops': cost['flops'],
           'est_step_s': step_s,
-          'est_mfu': model_flops / (step_s * chips * spec.peak_flops),
-          'tokens_per_s_per_chip': tokens / step_s / chips, 'cost_from': cost_from,
+          'est_mfu': step_s and model_flops / (step_s * chips * spec.peak_flops),
+          'tokens_per_s_per_chip': step_s and tokens / step_s / chips, 'cost_from': cost_from,
           'collectives': collectives(compiled.as_text()), 'compile_s': compile_s}
 
 
