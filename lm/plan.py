@@ -8,9 +8,9 @@ compiler's own estimate of the step time, and the collectives.
 
 Prints a table and one JSON line per planned config. XLA's cost analysis counts the body of a
 loop once, so with scanned layers or gradient accumulation the FLOPs and the step estimate
-come from a twin of the program without loops (`cost_from`: 'unrolled'; see `_cost`); memory
-and collectives always come from the real program. Pipelined configs keep their loops
-(`cost_from`: 'scanned', an underestimate).
+come from twins of the program without loops, of one and two layers, extrapolated to all
+(`cost_from`: 'unrolled'; see `_cost`); memory and collectives always come from the real
+program. Pipelined configs keep their loops (`cost_from`: 'scanned', an underestimate).
 """
 import ast
 import json
@@ -95,27 +95,40 @@ def _out_of_memory(error: Exception) -> dict:
           'error': text.splitlines()[0].partition('RESOURCE_EXHAUSTED: ')[2]}
 
 
+def _twin_cost(config: ml_collections.ConfigDict, devices: list, n_layers: int) -> dict:
+  """FLOPs and step time of a twin without loops: `n_layers` layers unrolled, one microbatch."""
+  twin = config.unlock().copy_and_resolve_references()
+  twin.model.update(scan_layers=False, n_layers=n_layers)
+  twin.train.update(batch_size=twin.train.batch_size // twin.train.grad_accum_steps,
+                    grad_accum_steps=1)
+  cost = compile_train_step(program_on(twin, devices), twin).cost_analysis()
+  return {k: cost[k] for k in ('flops', 'optimal_seconds')}
+
+
 def _cost(config: ml_collections.ConfigDict, program: steps.Program, compiled,
           unroll: bool) -> tuple[dict, str]:
   """(FLOPs and XLA's step-time estimate, 'unrolled' | 'scanned'). XLA counts a loop body
-  once, so they come from a twin without loops where it can be built (not with pipeline
-  stages) and compiled (it may not fit where the loops do): layers unrolled, and one of
-  config.train.grad_accum_steps microbatches, its cost times their number (which counts the
-  optimizer update that many times: about 1% more at these sizes)."""
-  loops = config.model.scan_layers or config.train.grad_accum_steps > 1
-  if unroll and loops and program.mesh.shape['stage'] == 1:
-    twin = config.unlock().copy_and_resolve_references()
-    k = twin.train.grad_accum_steps
-    twin.model.scan_layers = False
-    twin.train.update(batch_size=twin.train.batch_size // k, grad_accum_steps=1)
-    try:
-      cost = compile_train_step(program_on(twin, program.mesh.devices.flatten().tolist()),
-                                twin).cost_analysis()
-      return {'flops': k * cost['flops'], 'optimal_seconds': k * cost['optimal_seconds']}, \
-          'unrolled'
-    except jax.errors.JaxRuntimeError as e:
-      _out_of_memory(e)
-  return compiled.cost_analysis(), 'scanned' if loops else 'unrolled'
+  once, so with scanned layers or gradient accumulation they come from twins without loops
+  (not with pipeline stages): one microbatch, its cost times config.train.grad_accum_steps
+  (which counts the optimizer update that many times: about 1% more at these sizes); and
+  layers unrolled, of which two twins, of one and of two layers (of one and two periods of
+  attention_global_every), are compiled and the cost extrapolated linearly to n_layers:
+  unrolling every layer of a large model takes libtpu many minutes on a CPU."""
+  m, k = config.model, config.train.grad_accum_steps
+  if not (unroll and (m.scan_layers or k > 1) and program.mesh.shape['stage'] == 1):
+    return compiled.cost_analysis(), 'scanned' if m.scan_layers or k > 1 else 'unrolled'
+  devices = program.mesh.devices.flatten().tolist()
+  period = m.attention_global_every or 1
+  try:
+    if m.n_layers % period or m.n_layers < 2 * period:
+      cost = _twin_cost(config, devices, m.n_layers)
+    else:
+      one, two = (_twin_cost(config, devices, n) for n in (period, 2 * period))
+      cost = {key: one[key] + (m.n_layers // period - 1) * (two[key] - one[key]) for key in one}
+  except jax.errors.JaxRuntimeError as e:
+    _out_of_memory(e)   # the twin outgrew HBM: the loops' own (under)estimate
+    return compiled.cost_analysis(), 'scanned'
+  return {key: k * value for key, value in cost.items()}, 'unrolled'
 
 
 def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: bool = True) -> dict:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from lm import config as config_lib
 from lm import config_post, plan, tpus
 from lm.checks import ConfigError
 from tests.conftest import tiny_config
@@ -59,6 +60,19 @@ def test_planned_flops_agree_with_the_model_count():
   scanned = plan.plan(config, V5E_4, unroll=False)
   assert scanned['cost_from'] == 'scanned'   # one of two layers, one of two microbatches
   assert scanned['step_flops'] < 0.4 * row['step_flops']
+
+
+def test_the_cost_of_all_layers_is_extrapolated_from_twins_of_one_and_two():
+  """The plan's FLOPs and step estimate of a scanned 4-layer model (from unrolled twins of 1
+  and 2 layers) are those of the same model compiled with its 4 layers unrolled."""
+  config = _config(scan_layers=True, n_layers=4)
+  row = plan.plan(config, V5E_4)
+  unrolled = config_lib.resolve(config, None).unlock()
+  unrolled.model.scan_layers = False
+  cost = plan.compile_train_step(plan.program_on(unrolled, V5E_4.devices()),
+                                 unrolled).cost_analysis()
+  assert row['step_flops'] == pytest.approx(cost['flops'], rel=1e-3)
+  assert row['est_step_s'] == pytest.approx(cost['optimal_seconds'], rel=0.02)
 
 
 def test_a_pipelined_config_compiles_with_collective_permutes():
