@@ -5,7 +5,8 @@
 12 layers, 12 heads, 768 channels, context 1024, a 50,304-piece SentencePiece BPE vocabulary
 trained on lm1b's training split, documents packed with an end-of-document token, global
 batch 512 sequences (0.5M tokens), AdamW lr 6e-4 (betas 0.9 / 0.95, weight decay 0.1), 2000
-warm-up steps, cosine to 6e-5 over 20k steps, bf16 compute, FSDP over every device. lm1b has
+warm-up steps, cosine to 6e-5 over 20k steps, bf16 compute, splash attention (TPU; use
+--config.model.attention=cudnn on GPUs), FSDP over every device. lm1b has
 only train / test splits: half of the test split validates, the other half tests. TFDS
 downloads and prepares lm1b (about 4 GB) on first use. Sized for a TPU v5e-16 / 8 x H100.
 """
@@ -18,7 +19,8 @@ def get_config():
                 'test[50%:]'), tokenizer='spm_bpe', spm_vocab_size=50304, seq_len=1024,
                 packing='pack', add_eos=True)
   c.model.update(n_layers=12, d_model=768, n_heads=12, dropout=0.0, tie_embeddings=True,
-                 dtype='bfloat16', vocab_multiple=128, scan_layers=True, remat='dots_no_batch')
+                 dtype='bfloat16', vocab_multiple=128, scan_layers=True, remat='dots_no_batch',
+                 attention='splash')   # the TPU kernel; 'cudnn' on GPUs
   # 2 microbatches of 256: 32 sequences a step do not fit a v5e chip (lm.plan: 21 GB)
   c.train.update(steps=20000, batch_size=512, grad_accum_steps=2, eval_every=1000,
                  eval_batches=50, eval_batch_size=64, checkpoint_every=1000, log_every=20)

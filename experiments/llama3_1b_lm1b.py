@@ -6,7 +6,9 @@
 16 layers, 2048 channels, 32 query / 8 key-value heads, SwiGLU 8192, RoPE (theta 500k),
 RMSNorm, tied embeddings, a 128,256-entry vocabulary (a SentencePiece BPE trained on lm1b
 here; point config.data.tokenizer at hf:PATH for Llama 3's own). 2048-token documents packed,
-0.5M-token batches, AdamW lr 3e-4, bf16 compute, layers scanned, FSDP over every chip. TFDS
+0.5M-token batches, AdamW lr 3e-4, bf16 compute, splash attention (the TPU kernel: 45.7%
+estimated MFU with 'xla', 77.6% with splash, lm.plan on v5p-8), layers scanned, FSDP over
+every chip. TFDS
 downloads lm1b on first use.
 """
 from lm import config as config_lib
@@ -20,7 +22,7 @@ def get_config():
   c.model.update(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, d_ff=8192,
                  positions='rope', rope_theta=500000.0, norm='rmsnorm', mlp='swiglu',
                  use_bias=False, tie_embeddings=True, dtype='bfloat16', vocab_multiple=128,
-                 scan_layers=True, remat='dots_no_batch')
+                 scan_layers=True, remat='dots_no_batch', attention='splash')   # GPUs: 'cudnn'
   # 4 microbatches: 16 sequences of 2048 per chip at a time (lm.plan: 78 of 102 GB)
   c.train.update(steps=20000, batch_size=256, grad_accum_steps=4, eval_every=1000, eval_batches=50,
                  eval_batch_size=32, checkpoint_every=1000, log_every=20)

@@ -13,4 +13,5 @@ from experiments import llama3_1b_lm1b
 def get_config():
   c = llama3_1b_lm1b.get_config()
   c.model.update(n_layers=32, d_model=4096, d_ff=14336, tie_embeddings=False, remat='full')
+  c.train.grad_accum_steps = 1   # 8 sequences of 2048 per chip (lm.plan: 26 of 102 GB)
   return c

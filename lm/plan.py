@@ -7,10 +7,12 @@ compiler's own estimate of the step time, and the collectives.
         [--sweep model.remat=none,full ...] [--nounroll]
 
 Prints a table and one JSON line per planned config. XLA's cost analysis counts the body of a
-loop once, so with scanned layers or gradient accumulation the FLOPs and the step estimate
-come from twins of the program without loops, of one and two layers, extrapolated to all
-(`cost_from`: 'unrolled'; see `_cost`); memory and collectives always come from the real
-program. Pipelined configs keep their loops (`cost_from`: 'scanned', an underestimate).
+loop once (scanned layers, gradient accumulation, the compiler's windowed einsums), so the
+FLOPs and the step estimate come from twins of the program without loops, of one and two
+layers, extrapolated to all (`cost_from`: 'unrolled'; see `_cost`); memory and collectives
+always come from the real program. Pipelined configs keep their loops (`cost_from`:
+'scanned', an underestimate). Pallas kernels (splash attention) are custom calls that XLA
+neither counts nor times: `uncosted_kernels` says how many the program has.
 """
 import ast
 import json
@@ -73,14 +75,15 @@ def program_on(config: ml_collections.ConfigDict, devices: list) -> steps.Progra
                                                 devices))
 
 
-def compile_train_step(program: steps.Program, config: ml_collections.ConfigDict):
+def compile_train_step(program: steps.Program, config: ml_collections.ConfigDict,
+                       compiler_options: dict | None = None):
   """The program's train step compiled for its mesh's devices, from abstract state and batch."""
   batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32,
                                    sharding=program.batch_sharding)
            for k in ('inputs', 'targets')}
   with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
     return program.jitted_train_step.__wrapped__.lower(
-        program.abstract_state, batch, program.abstract_frozen).compile()
+        program.abstract_state, batch, program.abstract_frozen).compile(compiler_options)
 
 
 def _out_of_memory(error: Exception) -> dict:
@@ -95,28 +98,36 @@ def _out_of_memory(error: Exception) -> dict:
           'error': text.splitlines()[0].partition('RESOURCE_EXHAUSTED: ')[2]}
 
 
+# libtpu splits a matmul whose operand is being all-gathered or reduce-scattered into a loop
+# over the shards with collective permutes ("windowed einsum"): a loop, counted once
+NO_WINDOWED_EINSUM = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
+                      'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False}
+
+
 def _twin_cost(config: ml_collections.ConfigDict, devices: list, n_layers: int) -> dict:
-  """FLOPs and step time of a twin without loops: `n_layers` layers unrolled, one microbatch."""
+  """FLOPs and step time of a twin without loops: `n_layers` layers unrolled, one microbatch,
+  no windowed einsums."""
   twin = config.unlock().copy_and_resolve_references()
   twin.model.update(scan_layers=False, n_layers=n_layers)
   twin.train.update(batch_size=twin.train.batch_size // twin.train.grad_accum_steps,
                     grad_accum_steps=1)
-  cost = compile_train_step(program_on(twin, devices), twin).cost_analysis()
+  cost = compile_train_step(program_on(twin, devices), twin, NO_WINDOWED_EINSUM).cost_analysis()
   return {k: cost[k] for k in ('flops', 'optimal_seconds')}
 
 
 def _cost(config: ml_collections.ConfigDict, program: steps.Program, compiled,
           unroll: bool) -> tuple[dict, str]:
   """(FLOPs and XLA's step-time estimate, 'unrolled' | 'scanned'). XLA counts a loop body
-  once, so with scanned layers or gradient accumulation they come from twins without loops
-  (not with pipeline stages): one microbatch, its cost times config.train.grad_accum_steps
-  (which counts the optimizer update that many times: about 1% more at these sizes); and
-  layers unrolled, of which two twins, of one and of two layers (of one and two periods of
+  once, and loops come from scanned layers, gradient accumulation and the compiler's own
+  windowed einsums, so they come from twins without loops (not with pipeline stages): one
+  microbatch, its cost times config.train.grad_accum_steps (which counts the optimizer update
+  that many times: about 1% more at these sizes); no windowed einsums; and layers unrolled,
+  of which two twins, of one and of two layers (of one and two periods of
   attention_global_every), are compiled and the cost extrapolated linearly to n_layers:
   unrolling every layer of a large model takes libtpu many minutes on a CPU."""
   m, k = config.model, config.train.grad_accum_steps
-  if not (unroll and (m.scan_layers or k > 1) and program.mesh.shape['stage'] == 1):
-    return compiled.cost_analysis(), 'scanned' if m.scan_layers or k > 1 else 'unrolled'
+  if not unroll or program.mesh.shape['stage'] > 1:
+    return compiled.cost_analysis(), 'scanned'
   devices = program.mesh.devices.flatten().tolist()
   period = m.attention_global_every or 1
   try:
@@ -156,7 +167,8 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
     live = row['state_gb'] + row['frozen_gb']
     return {**row, 'total_gb': row['temp_gb'] and live + row['temp_gb'], 'step_flops': None,
             'est_step_s': None, 'est_mfu': None, 'tokens_per_s_per_chip': None,
-            'cost_from': None, 'collectives': {}, 'compile_s': time.perf_counter() - start}
+            'cost_from': None, 'uncosted_kernels': None, 'collectives': {},
+            'compile_s': time.perf_counter() - start}
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   live = (memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -172,6 +184,7 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
           'est_step_s': step_s,
           'est_mfu': step_s and model_flops / (step_s * chips * spec.peak_flops),
           'tokens_per_s_per_chip': step_s and tokens / step_s / chips, 'cost_from': cost_from,
+          'uncosted_kernels': compiled.as_text().count('tpu_custom_call'),
           'collectives': collectives(compiled.as_text()), 'compile_s': compile_s}
 
 
@@ -215,8 +228,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file with 
 _TOPOLOGY = flags.DEFINE_string('topology', None, 'Cloud TPU slice: v4-32, v5e-16, v5p-64, ...')
 _SWEEP = flags.DEFINE_multi_string('sweep', [], 'KEY=V1,V2,...: plan each value (several '
                                    'flags: every combination).')
-_UNROLL = flags.DEFINE_bool('unroll', True, 'FLOPs and step time from an unrolled twin of a '
-                            'scanned program (XLA counts a loop body once).')
+_UNROLL = flags.DEFINE_bool('unroll', True, 'FLOPs and step time from loop-free twins of the '
+                            'program (XLA counts a loop body once).')
 flags.mark_flags_as_required(['config', 'topology'])
 
 
@@ -227,7 +240,10 @@ def main(argv) -> None:
     topology = tpus.parse(_TOPOLOGY.value)
     points = sweep_points(_SWEEP.value)
     rows = []
-    for point in points:
+    for i, point in enumerate(points):
+      print(f'planning {i + 1}/{len(points)} {sweeps.run_name(point)} on {topology.name} '
+            f'({topology.chips} chips): compiling (minutes for billions of parameters)',
+            file=sys.stderr, flush=True)
       config = sweeps.apply(cli.load_config(_CONFIG), point)
       row = {**point, **plan(config, topology, _UNROLL.value)}
       print(json.dumps(row), flush=True)
