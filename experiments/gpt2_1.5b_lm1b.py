@@ -10,8 +10,5 @@ from experiments import gpt2_124m_lm1b
 
 
 def get_config():
-  c = gpt2_124m_lm1b.get_config()
-  c.model.update(n_layers=48, d_model=1600, n_heads=25)
-  c.optim.update(lr=2e-4, min_lr=2e-5)
-  c.train.grad_accum_steps = 1   # 32 sequences per chip (lm.plan: 74 of 102 GB)
-  return c
+  # layers, channels, heads; 32 sequences per chip (lm.plan: 74 of 102 GB)
+  return gpt2_124m_lm1b.scaled(48, 1600, 25, lr=2e-4, grad_accum_steps=1)

@@ -28,3 +28,12 @@ def get_config():
                  warmup_steps=2000, schedule='cosine', clip_norm=1.0)
   c.mesh.shape = (1, -1, 1, 1)
   return c
+
+
+def scaled(n_layers: int, d_model: int, n_heads: int, lr: float, grad_accum_steps: int):
+  """This recipe at another GPT-2 size (GPT-3's learning rate for it, min_lr lr / 10)."""
+  c = get_config()
+  c.model.update(n_layers=n_layers, d_model=d_model, n_heads=n_heads)
+  c.optim.update(lr=lr, min_lr=lr / 10)
+  c.train.grad_accum_steps = grad_accum_steps
+  return c

@@ -11,8 +11,5 @@ from experiments import gpt2_124m_lm1b
 
 
 def get_config():
-  c = gpt2_124m_lm1b.get_config()
-  c.model.update(n_layers=24, d_model=1024, n_heads=16)
-  c.optim.update(lr=3e-4, min_lr=3e-5)
-  c.train.grad_accum_steps = 2   # 64 sequences per chip at a time (lm.plan: 58 of 102 GB)
-  return c
+  # layers, channels, heads; 64 sequences per chip at a time (lm.plan: 58 of 102 GB)
+  return gpt2_124m_lm1b.scaled(24, 1024, 16, lr=3e-4, grad_accum_steps=2)

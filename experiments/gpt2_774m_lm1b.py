@@ -10,8 +10,5 @@ from experiments import gpt2_124m_lm1b
 
 
 def get_config():
-  c = gpt2_124m_lm1b.get_config()
-  c.model.update(n_layers=36, d_model=1280, n_heads=20)
-  c.optim.update(lr=2.5e-4, min_lr=2.5e-5)
-  c.train.grad_accum_steps = 2   # 32 sequences per chip at a time (lm.plan: 53 of 102 GB)
-  return c
+  # layers, channels, heads; 32 sequences per chip at a time (lm.plan: 53 of 102 GB)
+  return gpt2_124m_lm1b.scaled(36, 1280, 20, lr=2.5e-4, grad_accum_steps=2)
