@@ -59,8 +59,8 @@ class Topology:
     options = {}
     if self.spec.counts_cores:
       options['chip_config_name'] = 'megacore'
-    elif self.chips == 8:   # v5e-8 / v6e-8 are one host of 8 chips
-      options['chips_per_host_bounds'] = (2, 4, 1)
+    elif self.chips <= 8:   # v5e-1 .. v5e-8 (and v6e) are one host
+      options['chips_per_host_bounds'] = (*self.shape, 1)
     name = f'{self.generation}:{"x".join(map(str, self.shape))}'
     return topologies.get_topology_desc(platform='tpu', topology_name=name, **options).devices
 

@@ -104,7 +104,7 @@ def test_a_config_that_does_not_fit_says_by_how_much(monkeypatch):
 @pytest.mark.parametrize('name, generation, shape', [
     ('v4-32', 'v4', (2, 2, 4)), ('v5e-16', 'v5e', (4, 4)), ('v5litepod-16', 'v5e', (4, 4)),
     ('v5p-64', 'v5p', (2, 4, 4)), ('v5p-8', 'v5p', (2, 2, 1)), ('v6e-8', 'v6e', (2, 4)),
-    ('v5e:2x2', 'v5e', (2, 2))])
+    ('v5e-1', 'v5e', (1, 1)), ('v5e:2x2', 'v5e', (2, 2))])
 def test_slice_names(name, generation, shape):
   topology = tpus.parse(name)
   assert (topology.generation, topology.shape) == (generation, shape)
