@@ -6,9 +6,9 @@
 16 layers, 2048 channels, 32 query / 8 key-value heads, SwiGLU 8192, RoPE (theta 500k),
 RMSNorm, tied embeddings, a 128,256-entry vocabulary (a SentencePiece BPE trained on lm1b
 here; point config.data.tokenizer at hf:PATH for Llama 3's own). 2048-token documents packed,
-0.5M-token batches, AdamW lr 3e-4, bf16 compute, splash attention (the TPU kernel: 45.7%
-estimated MFU with 'xla', 77.6% with splash, lm.plan on v5p-8), layers scanned, FSDP over
-every chip. TFDS
+0.5M-token batches, AdamW lr 3e-4, bf16 compute, splash attention (the TPU kernel; lm.plan
+on v5p-8: 45.7% estimated MFU with 'xla', 77.6% with splash, whose kernel time XLA's
+estimate leaves out), layers scanned, FSDP over every chip. TFDS
 downloads lm1b on first use.
 """
 from lm import config as config_lib
