@@ -179,13 +179,14 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
   cost, cost_from = _cost(config, program, compiled, unroll)
   # XLA's estimate comes out negative for some loops (seen with --nounroll): no estimate
   step_s = cost['optimal_seconds'] if cost['optimal_seconds'] > 0 else None
+  hlo = compiled.as_text()
   return {**row, 'temp_gb': temp / GB, 'total_gb': (live + temp) / GB,
           'fits': (live + temp) / GB <= spec.hbm_gb, 'step_flops': cost['flops'],
           'est_step_s': step_s,
           'est_mfu': step_s and model_flops / (step_s * chips * spec.peak_flops),
           'tokens_per_s_per_chip': step_s and tokens / step_s / chips, 'cost_from': cost_from,
-          'uncosted_kernels': compiled.as_text().count('tpu_custom_call'),
-          'collectives': collectives(compiled.as_text()), 'compile_s': compile_s}
+          'uncosted_kernels': hlo.count('tpu_custom_call'),
+          'collectives': collectives(hlo), 'compile_s': compile_s}
 
 
 def table(rows: list[dict], swept: list[str]) -> str:
@@ -249,8 +250,7 @@ def main(argv) -> None:
       print(json.dumps(row), flush=True)
       rows.append(row)
   except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   print(table(rows, list(points[0])))
 
 
