@@ -2,6 +2,7 @@
 import json
 import math
 import tempfile
+import time
 
 import jax
 from etils import epath
@@ -39,19 +40,26 @@ class MetricsWriter:
   On resume from `start_step`, lines and events logged after it by the interrupted run
   are dropped, so the files read as one uninterrupted run. On object stores (gs://), which
   cannot append, metrics.jsonl is rewritten whole and TensorBoard events are written
-  locally and copied to the workdir's tensorboard/ at every write."""
+  locally and copied to the workdir's tensorboard/ at every write.
 
-  def __init__(self, workdir: epath.Path, start_step: int = 0, enabled: bool = True):
+  Every write also rewrites heartbeat.json (step, total steps, time, last validation loss):
+  a few bytes that a sweep's status table reads instead of the whole metrics file."""
+
+  def __init__(self, workdir: epath.Path, start_step: int = 0, enabled: bool = True,
+               total_steps: int | None = None):
     self.enabled = enabled
     if not enabled:
       return
     self.path = workdir / 'metrics.jsonl'
+    self.heartbeat = {'steps': total_steps, 'val_loss': None}
     self.remote = is_remote(workdir)
     self.lines = []
     if self.path.exists():
       self.lines = [line + '\n' for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)['step'] <= start_step]
       self.path.write_text(''.join(self.lines))
+      losses = [row['val_loss'] for row in map(json.loads, self.lines) if 'val_loss' in row]
+      self.heartbeat['val_loss'] = losses[-1] if losses else None
     self.tb_dir = workdir / 'tensorboard'
     local_tb = tempfile.mkdtemp(prefix='lm-tensorboard-') if self.remote else str(self.tb_dir)
     from tensorboardX import SummaryWriter  # imported here: only the logging process needs it
@@ -68,6 +76,9 @@ class MetricsWriter:
     else:
       with self.path.open('a') as f:   # appending loses nothing if the process is killed
         f.write(line)
+    self.heartbeat.update(step=step, time=time.time(),
+                          val_loss=clean.get('val_loss', self.heartbeat['val_loss']))
+    (self.path.parent / 'heartbeat.json').write_text(json.dumps(self.heartbeat))
     for name, value in clean.items():
       if value is not None and not isinstance(value, str):
         self.tb.add_scalar(name, value, step)

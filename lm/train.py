@@ -236,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
                                  t.async_checkpoints)
   config, data, program, state, run = resume_or_start(config, workdir, ckpt)
   t, start_step = config.train, int(state.step)
-  writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main, total_steps=t.steps)
   rollouts = rl.Rollouts(config, program, data) if t.objective in ('grpo', 'ppo') else None
   bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
                   dynamic_ncols=True, mininterval=1.0)
