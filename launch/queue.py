@@ -184,7 +184,7 @@ class Queue:
     claim = self._read(self._path(point.name, f'claim-{attempt}.json')) if attempt else None
     beat = self._read(self._path(point.name, f'beat-{attempt}.json')) if attempt else None
     age = now - max(claim['time'], beat['time'] if beat else 0) if claim else None
-    if self.exists(f'{_fs(point.workdir)[1]}/final.json'):
+    if self.done(point):
       state = 'done'
     elif 'failed.json' in files:
       state = 'failed'
@@ -194,6 +194,9 @@ class Queue:
       state = 'running' if age < self.timeout else 'preempted'
     return PointState(point, state, attempt, failures, claim and claim['runner'],
                       claim and claim.get('token'), age)
+
+  def done(self, point: Point) -> bool:
+    return self.exists(f'{_fs(point.workdir)[1]}/final.json')
 
   def states(self) -> list[PointState]:
     return [self.state(p) for p in self.points()]

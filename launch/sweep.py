@@ -178,7 +178,7 @@ def _runner_flags(args) -> list[str]:
 
 
 def run_local(args, points: list[queue_lib.Point], queue: queue_lib.Queue) -> int:
-  todo = [p for p in points if not os.path.exists(os.path.join(p.workdir, 'final.json'))]
+  todo = [p for p in points if not queue.done(p)]
   for point in points:
     if point not in todo:
       print(f'done already: {point.name}')
@@ -210,7 +210,7 @@ def _stage(args, points, queue, slices: tpu.Slices, dry_run: bool) -> None:
     count = provenance.pack(repo, archive)
     subprocess.run(slices.upload(archive), check=True)
   print(f'code: {count} files of the working tree ({tree})')
-  prepare(points, snap)
+  prepare([p for p in points if not queue.done(p)], snap)   # a finished run keeps its record
   queue.add(points)
 
 

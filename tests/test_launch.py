@@ -85,7 +85,8 @@ def test_sweep_bad_input(tmp_path):
   assert "'train.step' is not a config key; did you mean 'train.steps'" in bad_key.stderr
   where = sweep('--config', 'experiments/scaling_shakespeare.py', '--sweep_dir', str(tmp_path),
                 '--where', 'gcp', check=False)
-  assert where.returncode == 2 and "--where='gcp' is not one of ['local', 'tpu', 'skypilot']" in where.stderr
+  assert where.returncode == 2
+  assert "--where='gcp' is not one of ['local', 'tpu', 'skypilot']" in where.stderr
 
 
 PREEMPTED = '''

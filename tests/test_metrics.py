@@ -1,5 +1,6 @@
 """MFU against the peak table, and the metrics writers (local and object-store paths)."""
 import json
+import time
 import types
 
 import pytest
@@ -30,6 +31,22 @@ def test_resume_drops_what_the_interrupted_run_logged_after_the_checkpoint(tmp_p
   lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [m['step'] for m in lines] == [10, 20, 30] and lines[-1]['loss'] == 0.5
   assert lines[0]['mfu'] is None and lines[0]['bad'] == 'nan'
+
+
+def test_heartbeat_has_the_step_the_total_and_the_last_validation_loss(tmp_path):
+  workdir = epath.Path(tmp_path)
+  writer = metrics.MetricsWriter(workdir, total_steps=50)
+  writer.write(10, {'loss': 3.0})
+  writer.write(10, {'val_loss': 2.75})
+  writer.write(20, {'loss': 2.5})
+  beat = json.loads((workdir / 'heartbeat.json').read_text())
+  assert (beat['step'], beat['steps'], beat['val_loss']) == (20, 50, 2.75)
+  assert abs(beat['time'] - time.time()) < 60
+  writer.close()
+  resumed = metrics.MetricsWriter(workdir, start_step=10, total_steps=50)   # kept on resume
+  resumed.write(11, {'loss': 2.4})
+  beat = json.loads((workdir / 'heartbeat.json').read_text())
+  assert (beat['step'], beat['val_loss']) == (11, 2.75)
 
 
 def test_object_store_workdirs_rewrite_metrics_and_copy_events(tmp_path, monkeypatch):

@@ -165,3 +165,18 @@ def test_provenance_is_the_commit_plus_the_diff_of_the_working_tree(tmp_path):
   with tarfile.open(tmp_path / 'code.tar.gz') as tar:
     assert sorted(tar.getnames()) == ['.gitignore', 'new_experiment.py', 'train.py']
     assert tar.extractfile('train.py').read() == b'lr = 3e-3\n'
+
+
+def test_a_point_that_keeps_failing_is_marked_failed_with_its_log_tail(tmp_path):
+  command = [sys.executable, '-c', 'import sys; print("boom: out of memory"); sys.exit(3)']
+  points = _points(tmp_path, 1, command)
+  queue_lib.Queue(str(tmp_path)).add(points)
+  out = subprocess.run([sys.executable, '-m', 'launch.runner', f'--sweep_dir={tmp_path}',
+                        '--slice=s0', '--max_failures=2', '--heartbeat_s=0.2'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0 and 'p0: exit 3 (failed)' in out.stdout
+  log = (tmp_path / 'p0' / 'log.txt').read_text()
+  assert log.count('boom: out of memory') == 2 and '== attempt 2 by s0' in log
+  assert 'boom: out of memory' in (tmp_path / 'p0' / 'failure.txt').read_text()
+  failed = json.loads((tmp_path / 'queue' / 'p0' / 'failed.json').read_text())
+  assert failed['failures'] == 2 and 'boom' in failed['log_tail']
