@@ -283,13 +283,16 @@ def main(argv=None) -> None:
   parser.add_argument('--heartbeat_s', type=float, default=30.0, help='runner heartbeat period')
   parser.add_argument('--heartbeat_timeout_s', type=float, default=600.0,
                       help='a point whose runner is silent this long is taken by another')
-  parser.add_argument('--poll_s', type=float, default=2.0, help='watcher period')
+  parser.add_argument('--poll_s', type=float, default=None,
+                      help='watcher period (default 2 s locally, 60 s for slices)')
   tpu.add_arguments(parser)
   args, extra = parser.parse_known_args(argv)
   try:
     if args.where not in WHERE:
       raise ConfigError(f'--where={args.where!r} is not one of {list(WHERE)}')
     queue = queue_lib.Queue(args.sweep_dir, args.heartbeat_timeout_s, args.max_failures)
+    if args.poll_s is None:
+      args.poll_s = 2.0 if args.where == 'local' else 60.0
     if args.status:
       print(status_table(status_rows(queue)))
       return

@@ -32,6 +32,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f'a --config.* override names no config key: {_one_line(e)}')
 
 
+def use_compilation_cache() -> None:
+  """JAX's persistent compilation cache for the commands that compile (a rerun, a resume or
+  the next point of a sweep loads its programs instead of compiling them again): in
+  $JAX_COMPILATION_CACHE_DIR when set (empty: none), else ~/.cache/lm/jax."""
+  import jax
+  directory = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  if directory is None:
+    cache_home = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+    directory = os.path.join(cache_home, 'lm', 'jax')
+  if directory:
+    jax.config.update('jax_compilation_cache_dir', directory)
+
+
 def load_config(holder: flags.FlagHolder):
   """The experiment's config with the overrides applied (they are applied on first use)."""
   try:

@@ -20,6 +20,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
+  cli.use_compilation_cache()
   from lm import distributed, train  # after flag parsing: --help does not import JAX
   try:
     config = cli.load_config(_CONFIG)

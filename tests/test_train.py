@@ -251,3 +251,22 @@ def test_llama_experiment_with_sentencepiece_end_to_end(tmp_path, tfds_dir):
   logged = [m['loss'] for m in read_metrics(workdir) if 'loss' in m]
   assert logged[-1] < logged[0] - 1.0, logged
   assert 'done: 30 steps' in result.stdout
+
+
+@pytest.mark.parametrize('env, expected', [
+    ({'JAX_COMPILATION_CACHE_DIR': '/x/cache'}, '/x/cache'),
+    ({'XDG_CACHE_HOME': '/home/u/.c'}, '/home/u/.c/lm/jax'),
+    ({'JAX_COMPILATION_CACHE_DIR': ''}, None),   # empty: no cache
+])
+def test_commands_use_a_persistent_compilation_cache(monkeypatch, env, expected):
+  from lm import cli
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', None)
+  try:
+    cli.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == expected
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)
