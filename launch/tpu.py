@@ -85,7 +85,7 @@ class Slices:
 
   def startup_script(self, name: str) -> str:
     """Run by every worker at every boot: code, install, runner, then worker 0 deletes the
-    slice (the queue is empty by then)."""
+    slice once its runner found nothing left to take (a crashed runner starts again)."""
     env = ''.join(f'export {shlex.quote(kv)}\n' for kv in checked_env(self.args.env))
     code = f'{self.sweep_dir.rstrip("/")}/{CODE}'
     command = shlex.join(['python3', '-m', 'launch.runner', f'--sweep_dir={self.sweep_dir}',
@@ -96,7 +96,7 @@ class Slices:
             f'mkdir -p /opt/lm && cd /opt/lm\n'
             f'until gcloud storage cp {code} {CODE}; do sleep 30; done\n'
             f'tar xzf {CODE} && python3 -m pip install -q -e \'.[tpu]\'\n'
-            f'{command}\n'
+            f'until {command}; do sleep 60; done   # a crashed runner starts again\n'
             f'worker=$(curl -s -H Metadata-Flavor:Google {runner.METADATA})\n'
             f'if [ "$worker" = 0 ]; then {shlex.join(self.delete(name))} --async; fi\n')
 

@@ -160,9 +160,10 @@ def test_tpu_dry_run_packs_slices_with_queued_spot_capacity():
   lines = dry.stdout.splitlines()
   assert lines[0].startswith('# code: the working tree (commit ')
   assert lines[1] == '# queue: 15 points in gs://bucket/s1/queue/'
-  assert ('python3 -m launch.runner --sweep_dir=gs://bucket/s1 --slice=lm-sweep-0 '
+  assert ('until python3 -m launch.runner --sweep_dir=gs://bucket/s1 --slice=lm-sweep-0 '
           '--worker=auto --workers=8 --max_failures=3 --heartbeat_s=30.0 '
-          '--heartbeat_timeout_s=600.0') in lines
+          '--heartbeat_timeout_s=600.0; do sleep 60; done   # a crashed runner starts again') \
+      in lines
   assert 'until gcloud storage cp gs://bucket/s1/code.tar.gz code.tar.gz; do sleep 30; done' \
       in lines
   assert ('if [ "$worker" = 0 ]; then gcloud compute tpus queued-resources delete lm-sweep-0 '
