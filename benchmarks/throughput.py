@@ -47,9 +47,8 @@ def main(argv) -> None:
     state, m = program.train_step(state, batches[i % 16])
   jax.block_until_ready(m)
   # Steps are dispatched back to back as in the training loop (the host queues step n + 1
-  # while step n runs) and timed in windows of WINDOW steps, blocking only at a window's end:
-  # blocking after every step adds a host round trip per step (on 2 CPU cores, 75 ms per
-  # step instead of 51 for experiments/shakespeare_char.py).
+  # while step n runs) and timed in windows of WINDOW steps, blocking only at a window's end,
+  # so that the host's share is what a run pays (on a GPU or TPU it overlaps the device's).
   times = []
   for start_step in range(0, _STEPS.value, WINDOW):
     start = time.perf_counter()
