@@ -221,16 +221,17 @@ def run_cloud(args, points: list[queue_lib.Point], queue: queue_lib.Queue) -> in
     install = ('pip install skypilot[gcp]' if tool == 'sky' else
                'install the Google Cloud SDK and run `gcloud auth login`')
     raise ConfigError(f'{tool} not found: {install} (--dry-run prints the commands without it)')
-  staging = tempfile.mkdtemp(prefix=f'{args.name}-')
   if args.delete:
     for name in slices.names:
       _do(slices.delete(name), args.dry_run)
     return 0
   _stage(args, points, queue, slices, args.dry_run)
+  staging = tempfile.mkdtemp(prefix=f'{args.name}-')
   if args.where == 'skypilot':
+    repo = provenance.repo_root() or os.getcwd()
     for name in slices.names:
       path = os.path.join(staging, f'{name}.yaml')
-      text = skypilot.dump(skypilot.task(slices, name, provenance.repo_root() or os.getcwd()))
+      text = skypilot.dump(skypilot.task(slices, name, repo))
       with open(path, 'w') as f:
         f.write(text)
       if args.dry_run and name == slices.names[0]:
