@@ -1,6 +1,6 @@
-"""Attention kernels: jax.nn.dot_product_attention ('xla', 'cudnn'), Pallas splash attention
-('splash', the TPU kernel; on other backends in Pallas interpret mode, for tests) and a plain
-reference.
+"""Attention kernels: jax.nn.dot_product_attention ('xla', 'cudnn'), the same in the compute
+dtype ('xla_bf16'), Pallas splash attention ('splash', the TPU kernel; on other backends in
+Pallas interpret mode, for tests) and a plain reference.
 
 Shapes: B batch, L query length, M key length, H query heads, K key/value heads
 (H % K == 0, grouped-query attention), G = H // K, Dh head dimension.
@@ -22,6 +22,17 @@ def window_mask(query_index_L, key_index_M, window: int):
   return (offset_LxM >= 0) & (offset_LxM < window)
 
 
+def _visible(L: int, M: int, causal: bool, mask_BxLxM, window: int | None):
+  """Which keys each query sees: the given B x L x M mask, else L x M (causal: query i of the
+  last L positions sees keys 0 .. M - L + i, or its last `window`), else None (all)."""
+  if mask_BxLxM is not None:
+    return mask_BxLxM
+  if causal:
+    return (window_mask(jnp.arange(M - L, M), jnp.arange(M), window) if window else
+            jnp.tril(jnp.ones((L, M), bool), k=M - L))
+  return None
+
+
 def reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, mask_BxLxM=None,
                         window: int | None = None):
   """Softmax(q k^T / sqrt(Dh)) v written out with einsums: the test oracle, and on CPU the
@@ -34,14 +45,42 @@ def reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, mask_B
     v_BxMxKxDh = jnp.repeat(v_BxMxKxDh, H // K, axis=2)
   scores_BxHxLxM = jnp.einsum('blhd,bmhd->bhlm', q_BxLxHxDh, k_BxMxKxDh,
                               preferred_element_type=jnp.float32) * Dh ** -0.5
-  if mask_BxLxM is not None:
-    scores_BxHxLxM = jnp.where(mask_BxLxM[:, None], scores_BxHxLxM, jnp.finfo(jnp.float32).min)
-  elif causal:   # query i (of the last L positions) sees keys 0 .. M - L + i
-    visible_LxM = (window_mask(jnp.arange(M - L, M), jnp.arange(M), window) if window else
-                   jnp.tril(jnp.ones((L, M), bool), k=M - L))
-    scores_BxHxLxM = jnp.where(visible_LxM, scores_BxHxLxM, jnp.finfo(jnp.float32).min)
+  visible = _visible(L, M, causal, mask_BxLxM, window)
+  if visible is not None:
+    visible = visible[:, None] if visible.ndim == 3 else visible
+    scores_BxHxLxM = jnp.where(visible, scores_BxHxLxM, jnp.finfo(jnp.float32).min)
   probs_BxHxLxM = jax.nn.softmax(scores_BxHxLxM, axis=-1).astype(v_BxMxKxDh.dtype)
   return jnp.einsum('bhlm,bmhd->blhd', probs_BxHxLxM, v_BxMxKxDh)
+
+
+def compute_dtype_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, mask_BxLxM=None,
+                            window: int | None = None):
+  """Attention with the L x M scores and their exponentials in q's dtype (bf16 in the TPU
+  recipes; MaxText's `dot_product` default) where jax.nn.dot_product_attention keeps them in
+  float32, and the softmax normalised after the value product (one division of B x L x H x
+  Dh, not of B x H x L x M). The row maxima are exact in any dtype; the row sums are
+  float32, and the matrix units accumulate in float32 whatever their output dtype.
+  Grouped-query heads share keys without copying them. Halves the bytes of the L x M arrays,
+  which dominate the attention's memory traffic without a fused kernel (README: estimated
+  MFU of the v5p plans)."""
+  B, L, H, Dh = q_BxLxHxDh.shape
+  M, K = k_BxMxKxDh.shape[1], k_BxMxKxDh.shape[2]
+  q_BxLxKxGxDh = (q_BxLxHxDh * jnp.asarray(Dh ** -0.5, q_BxLxHxDh.dtype)).reshape(
+      B, L, K, H // K, Dh)
+  scores_BxKxGxLxM = jnp.einsum('blkgd,bmkd->bkglm', q_BxLxKxGxDh, k_BxMxKxDh)
+  visible = _visible(L, M, causal, mask_BxLxM, window)
+  if visible is not None:
+    visible = visible[:, None, None] if visible.ndim == 3 else visible
+    scores_BxKxGxLxM = jnp.where(visible, scores_BxKxGxLxM,
+                                 jnp.finfo(scores_BxKxGxLxM.dtype).min)
+  # softmax is unchanged by the shift, so its gradient needs none through the maxima
+  maxima = jax.lax.stop_gradient(scores_BxKxGxLxM.max(axis=-1, keepdims=True))
+  exps_BxKxGxLxM = jnp.exp(scores_BxKxGxLxM - maxima)
+  sums_BxKxGxL = exps_BxKxGxLxM.sum(axis=-1, dtype=jnp.float32)
+  # in q's dtype too: a float32 product would make the backward's L x M product float32
+  out_BxLxKxGxDh = jnp.einsum('bkglm,bmkd->blkgd', exps_BxKxGxLxM, v_BxMxKxDh)
+  out_BxLxKxGxDh = out_BxLxKxGxDh / jnp.moveaxis(sums_BxKxGxL, -1, 1)[..., None]
+  return out_BxLxKxGxDh.astype(q_BxLxHxDh.dtype).reshape(B, L, H, Dh)
 
 
 def splash_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, window: int | None):
@@ -99,9 +138,10 @@ def attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, *, causal: bool, implementatio
   cached decoding; it must then include the window); cuDNN and splash then fall back to the
   XLA kernel. `window` (causal only): each query sees its last `window` positions (sliding-window
   attention)."""
-  if implementation == 'reference':
-    return reference_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal, mask,
-                               window if mask is None else None)
+  if implementation in ('reference', 'xla_bf16'):
+    kernel = reference_attention if implementation == 'reference' else compute_dtype_attention
+    return kernel(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal, mask,
+                  window if mask is None else None)
   if mask is not None:
     return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh,
                                         mask=mask[:, None], implementation='xla')

@@ -61,8 +61,17 @@ def _bytes_per_chip(tree) -> int:
 
 def collectives(hlo: str) -> dict[str, int]:
   """Collective instructions of a compiled HLO module by kind (async pairs counted once; a
-  loop body's once)."""
-  counts = {kind: len(re.findall(rf'\s{kind}(?:-start)?\(', hlo)) for kind in COLLECTIVES}
+  loop body's once). libtpu writes a reduce-scatter as an all-reduce inside a fusion whose
+  computation is named all-reduce-scatter* (its output the chip's shard): counted as one."""
+  counts = dict.fromkeys(COLLECTIVES, 0)
+  computation = ''
+  for line in hlo.splitlines():
+    if line[:1] not in ('', ' ', '}'):   # a computation's header: '%name (params) -> ... {'
+      computation = line.split(' ', 1)[0]
+    for kind in COLLECTIVES:
+      if re.search(rf'\s{kind}(?:-start)?\(', line):
+        scatter = kind == 'all-reduce' and computation.startswith('%all-reduce-scatter')
+        counts['reduce-scatter' if scatter else kind] += 1
   return {k: v for k, v in counts.items() if v}
 
 
@@ -179,14 +188,17 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
   cost, cost_from = _cost(config, program, compiled, unroll)
   # XLA's estimate comes out negative for some loops (seen with --nounroll): no estimate
   step_s = cost['optimal_seconds'] if cost['optimal_seconds'] > 0 else None
-  hlo = compiled.as_text()
+  try:
+    hlo = compiled.as_text()
+  except jax.errors.JaxRuntimeError:   # a libtpu newer than jaxlib reads back no HLO text
+    hlo = None
   return {**row, 'temp_gb': temp / GB, 'total_gb': (live + temp) / GB,
           'fits': (live + temp) / GB <= spec.hbm_gb, 'step_flops': cost['flops'],
           'est_step_s': step_s,
           'est_mfu': step_s and model_flops / (step_s * chips * spec.peak_flops),
           'tokens_per_s_per_chip': step_s and tokens / step_s / chips, 'cost_from': cost_from,
-          'uncosted_kernels': hlo.count('tpu_custom_call'),
-          'collectives': collectives(hlo), 'compile_s': compile_s}
+          'uncosted_kernels': hlo and hlo.count('tpu_custom_call'),
+          'collectives': hlo and collectives(hlo), 'compile_s': compile_s}
 
 
 def table(rows: list[dict], swept: list[str]) -> str:

@@ -45,14 +45,47 @@ def test_flops_per_token_follows_palm_convention():
 
 @pytest.mark.parametrize('causal', [True, False])
 @pytest.mark.parametrize('kv_heads', [4, 2, 1])
-def test_xla_attention_matches_reference(causal, kv_heads):
+@pytest.mark.parametrize('implementation', ['xla', 'xla_bf16'])
+def test_xla_attention_matches_reference(causal, kv_heads, implementation):
   keys = jax.random.split(jax.random.PRNGKey(1), 3)
   q = jax.random.normal(keys[0], (2, 16, 4, 8))
   k = jax.random.normal(keys[1], (2, 16, kv_heads, 8))
   v = jax.random.normal(keys[2], (2, 16, kv_heads, 8))
-  ours = attention.attention(q, k, v, causal=causal, implementation='xla')
-  ref = attention.reference_attention(q, k, v, causal)
-  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+  fn = lambda q, k, v: attention.attention(q, k, v, causal=causal,
+                                           implementation=implementation)
+  ref = lambda q, k, v: attention.reference_attention(q, k, v, causal)
+  np.testing.assert_allclose(fn(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda *a: (f(*a) * jnp.arange(8.0)).sum()
+  for ours, theirs in zip(jax.grad(loss(fn), (0, 1, 2))(q, k, v),
+                          jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('kv_heads', [4, 1])
+def test_compute_dtype_attention_keeps_scores_in_bf16_and_stays_close(kv_heads):
+  """'xla_bf16' with bf16 inputs: its L x M matrix products, forward and backward, are bf16
+  (the bytes it saves; jax.nn.dot_product_attention's scores are float32), and its values
+  and gradients within bf16 rounding of the float32 reference on the same (rounded) inputs,
+  as jax.nn.dot_product_attention's are."""
+  L = 64
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(kv_heads, length=L))
+  loss = lambda f: lambda *a: (f(*a).astype(jnp.float32) * jnp.arange(8.0)).sum()
+  ours = lambda q, k, v: attention.attention(q, k, v, causal=True, implementation='xla_bf16')
+  xla = lambda q, k, v: attention.attention(q, k, v, causal=True, implementation='xla')
+  f32 = lambda x: x.astype(jnp.float32)
+  ref = lambda q, k, v: attention.reference_attention(f32(q), f32(k), f32(v), True)
+  products = lambda jaxpr: [var.aval.dtype for eqn in jaxpr.eqns for var in eqn.outvars
+                            if eqn.primitive.name == 'dot_general' and
+                            var.aval.shape.count(L) == 2]   # what the TPU writes to HBM
+  for fn, dtype in ((ours, jnp.bfloat16), (xla, jnp.float32)):
+    dtypes = products(jax.make_jaxpr(jax.grad(loss(fn), (0, 1, 2)))(q, k, v).jaxpr)
+    assert len(dtypes) == 2 and dtype in dtypes   # scores, and the backward's probabilities
+    assert dtype == jnp.float32 or set(dtypes) == {jnp.dtype(dtype)}
+  for fn in (ours, xla):
+    np.testing.assert_allclose(f32(fn(q, k, v)), ref(q, k, v), atol=0.03)
+    grads = lambda f: jax.grad(loss(f), (0, 1, 2))(q, k, v)
+    for a, b in zip(grads(fn), grads(ref)):
+      np.testing.assert_allclose(f32(a), b, atol=0.15, rtol=0.05)
 
 
 def _qkv(kv_heads=2, length=16):
@@ -62,7 +95,8 @@ def _qkv(kv_heads=2, length=16):
 
 
 @pytest.mark.parametrize('window', [1, 5])
-@pytest.mark.parametrize('implementation', ['xla', 'reference-mask'])
+@pytest.mark.parametrize('implementation', ['xla', 'xla_bf16', 'reference-mask',
+                                            'xla_bf16-mask'])
 def test_sliding_window_matches_reference_values_and_gradients(window, implementation):
   """Each way of applying a window (XLA's local_window_size; an explicit mask, as with packed
   segments or the cache) against the reference's own window, and a NumPy mask."""
@@ -70,12 +104,9 @@ def test_sliding_window_matches_reference_values_and_gradients(window, implement
   L = q.shape[1]
   offsets = np.arange(L)[:, None] - np.arange(L)[None, :]
   numpy_mask = jnp.asarray((offsets >= 0) & (offsets < window))[None].repeat(2, 0)
-  if implementation == 'xla':
-    fn = lambda q, k, v: attention.attention(q, k, v, causal=True, implementation='xla',
-                                             window=window)
-  else:
-    fn = lambda q, k, v: attention.attention(q, k, v, causal=True, implementation='reference',
-                                             mask=numpy_mask, window=window)
+  kernel, _, masked = implementation.partition('-')
+  fn = lambda q, k, v: attention.attention(q, k, v, causal=True, implementation=kernel,
+                                           mask=numpy_mask if masked else None, window=window)
   ref = lambda q, k, v: attention.reference_attention(q, k, v, True, window=window)
   np.testing.assert_allclose(fn(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ref(q, k, v), attention.reference_attention(q, k, v, True,
@@ -86,7 +117,7 @@ def test_sliding_window_matches_reference_values_and_gradients(window, implement
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('implementation', ['xla', 'reference'])
+@pytest.mark.parametrize('implementation', ['xla', 'xla_bf16', 'reference'])
 def test_window_covering_the_sequence_is_causal_and_keys_outside_get_no_gradient(
     implementation):
   q, k, v = _qkv()

@@ -32,6 +32,11 @@ def test_fsdp_holds_a_quarter_of_the_data_parallel_state_per_chip():
   assert replicated['state_gb'] == pytest.approx(12 * replicated['params'] / 1e9, rel=1e-3)
   assert fsdp['state_gb'] == pytest.approx(replicated['state_gb'] / 4, rel=0.10)
   assert fsdp['collectives']['all-gather'] > 0 and 'all-gather' not in replicated['collectives']
+  # gradients: each chip keeps the sum of its own shard (libtpu's all-reduce-scatter fusions)
+  # under FSDP, the whole sum when replicated
+  assert fsdp['collectives']['reduce-scatter'] > 0
+  assert replicated['collectives']['all-reduce'] > 0
+  assert 'reduce-scatter' not in replicated['collectives']
   for row in (fsdp, replicated):
     assert row['fits'] and row['total_gb'] >= row['state_gb'] > 0 and row['temp_gb'] > 0
     assert row['chips'] == 4 and row['hbm_gb'] == tpus.GENERATIONS['v5e'].hbm_gb
