@@ -84,10 +84,12 @@ def compute_dtype_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, ma
 
 
 def splash_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, window: int | None):
-  """Splash attention (block-sparse flash attention in Pallas) with a causal or local mask,
-  keys / values repeated for grouped-query heads. Under a mesh it runs per shard through
-  shard_map, batch and heads split as the activations' logical axes say; block sizes are
-  512 or the whole sequence when shorter (lengths must then be multiples of 128 on TPU)."""
+  """Splash attention (block-sparse flash attention in Pallas) with a causal or local mask.
+  Grouped-query heads share their key / value head inside the kernel (query head h reads key
+  head h // G, as jnp.repeat would lay them out), unless the heads are split over more shards
+  than there are key heads: then keys / values are repeated. Under a mesh it runs per shard
+  through shard_map, batch and heads split as the activations' logical axes say; block sizes
+  are 512 or the whole sequence when shorter (lengths must then be multiples of 128 on TPU)."""
   B, L, H, Dh = q_BxLxHxDh.shape
   M, K = k_BxMxKxDh.shape[1], k_BxMxKxDh.shape[2]
   mesh = jax.sharding.get_abstract_mesh()
@@ -97,6 +99,9 @@ def splash_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, window: i
   spec = [axes if axes is not None and size % shards(axes) == 0 else None for axes, size in
           zip(nn.logical_to_mesh_axes(('batch', None, 'act_heads', None)), (B, L, H, Dh))]
   heads = shards(spec[2])
+  if K % heads:   # config.validate keeps n_kv_heads divisible by 'tensor'; other rules may not
+    k_BxMxKxDh = jnp.repeat(k_BxMxKxDh, H // K, axis=2)
+    v_BxMxKxDh = jnp.repeat(v_BxMxKxDh, H // K, axis=2)
   if causal:
     one = (splash_mask.LocalMask((L, M), (window - 1, 0), offset=M - L) if window else
            splash_mask.CausalMask((L, M), offset=M - L))
@@ -114,9 +119,6 @@ def splash_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, window: i
     out = jax.vmap(kernel)(to_heads_first(q * Dh ** -0.5), to_heads_first(k), to_heads_first(v))
     return to_heads_first(out)
 
-  if K != H:
-    k_BxMxKxDh = jnp.repeat(k_BxMxKxDh, H // K, axis=2)
-    v_BxMxKxDh = jnp.repeat(v_BxMxKxDh, H // K, axis=2)
   if mesh.empty:
     return per_shard(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh)
   spec = P(*spec)

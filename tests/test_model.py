@@ -159,13 +159,16 @@ def test_splash_matches_reference_values_and_gradients(causal, window, kv_heads)
     assert np.abs(np.asarray(grad_k[:, query - 4:query + 1])).min() > 0
 
 
-def test_splash_model_sharded_equals_reference_on_one_device():
-  """attention='splash' runs per shard (shard_map over batch and heads) on fsdp 2 x tensor 4."""
+@pytest.mark.parametrize('kv_heads', [4, 8])
+def test_splash_model_sharded_equals_reference_on_one_device(kv_heads):
+  """attention='splash' runs per shard (shard_map over batch and heads) on fsdp 2 x tensor 4:
+  8 query heads, with 4 key heads (one per shard, shared by its 2 query heads inside the
+  kernel) or 8."""
   from tests.conftest import build_program, loss_and_grads, random_batch
   batch = random_batch(8, 128)
   results = {}
   for implementation, shape in (('reference', (1, 1, 1, 1)), ('splash', (1, 2, 4, 1))):
-    config = tiny_config(attention=implementation, n_kv_heads=4)
+    config = tiny_config(attention=implementation, n_kv_heads=kv_heads)
     config.data.seq_len = 128
     results[implementation] = loss_and_grads(build_program(config, shape), batch)
   np.testing.assert_allclose(results['splash'][0], results['reference'][0], rtol=1e-6)
