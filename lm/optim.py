@@ -2,6 +2,7 @@
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -62,12 +63,39 @@ def make_optimizer(o: ml_collections.ConfigDict, last: optax.GradientTransformat
   """clip -> optimizer (-> `last`, e.g. pruning's masks), wrapped so that a non-finite
   gradient skips the update.
 
-  `optax.apply_if_finite` counts skipped updates in its state; the training loop stops the
-  run after `max_nonfinite_steps` in a row (apply_if_finite itself would then apply them)."""
+  `skip_nonfinite` counts skipped updates in its state (optax.apply_if_finite's); the training
+  loop stops the run after `max_nonfinite_steps` in a row (the wrapper itself would then apply
+  them)."""
   schedule = make_schedule(o)
   mask = lambda params: weight_decay_mask(params, o.decay_embeddings)
   steps = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
   steps.append(_optimizers(o, schedule, mask)[o.name]())
   steps += [last] if last is not None else []
-  tx = optax.apply_if_finite(optax.chain(*steps), max_consecutive_errors=o.max_nonfinite_steps + 1)
+  tx = skip_nonfinite(optax.chain(*steps), max_consecutive_errors=o.max_nonfinite_steps + 1)
   return tx, schedule
+
+
+def skip_nonfinite(inner: optax.GradientTransformation, max_consecutive_errors: int
+                   ) -> optax.GradientTransformationExtraArgs:
+  """`optax.apply_if_finite` (same state, same results) choosing between the new and the old
+  state element by element (`jnp.where`) instead of by `lax.cond`. A cond's branches are
+  separate computations, so XLA can fuse neither the update into `apply_updates` nor their
+  buffers into one: Llama-3-8B on a v5p-8 (lm.plan) took 2.4% longer per step and 4.6 GB
+  more temporary memory per chip with the cond."""
+  inner = optax.with_extra_args_support(inner)
+
+  def update(updates, state, params=None, **extra_args):
+    isfinite = jnp.all(jnp.array([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+    notfinite_count = jnp.where(isfinite, 0, optax.safe_increment(state.notfinite_count))
+    apply = isfinite | (notfinite_count > max_consecutive_errors)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    state = optax.ApplyIfFiniteState(
+        notfinite_count=notfinite_count, last_finite=isfinite,
+        total_notfinite=jnp.where(isfinite, state.total_notfinite,
+                                  optax.safe_increment(state.total_notfinite)),
+        inner_state=jax.tree.map(lambda new, old: jnp.where(apply, new, old),
+                                 new_inner, state.inner_state))
+    return jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), new_updates), state
+
+  return optax.GradientTransformationExtraArgs(
+      optax.apply_if_finite(inner, max_consecutive_errors).init, update)

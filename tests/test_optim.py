@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lm import config as config_lib
@@ -173,3 +174,27 @@ def test_nonfinite_streak_of_the_real_optimizer_stops_the_run():
       state, metrics = program.train_step(state, batch)
       logger.push(step, metrics)
   assert step == limit + 1
+
+
+def test_skip_nonfinite_equals_optax_apply_if_finite():
+  """The select-based wrapper against optax's cond-based one, step by step, through skipped,
+  applied and (past max_consecutive_errors) given-up-on non-finite gradients."""
+  inner = optax.chain(optax.clip_by_global_norm(0.5),
+                      optax.adamw(0.1, weight_decay=0.1, mask=lambda p: optim.weight_decay_mask(
+                          p, decay_embeddings=False)))
+  ours, reference = optim.skip_nonfinite(inner, 2), optax.apply_if_finite(inner, 2)
+  params = _params()
+  states = [ours.init(params), reference.init(params)]
+  steps = [jax.jit(ours.update), jax.jit(reference.update)]
+  rng = np.random.default_rng(0)
+  for bad in (None, np.nan, None, np.inf, np.nan, -np.inf, None):   # the 6th is applied
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    if bad is not None:
+      grads['layers']['attn']['q']['kernel'] = grads['layers']['attn']['q']['kernel'].at[
+          0, 1, 0].set(bad)
+    results = [step(grads, state, params) for step, state in zip(steps, states)]
+    (updates, state), (ref_updates, ref_state) = results
+    jax.tree.map(np.testing.assert_array_equal, updates, ref_updates)
+    jax.tree.map(np.testing.assert_array_equal, state, ref_state)
+    states = [state, ref_state]
+  assert int(state.total_notfinite) == 4 and int(state.inner_state[1][0].count) == 4
