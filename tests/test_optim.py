@@ -1,4 +1,5 @@
 """Optimizer: schedules, weight-decay mask, gradient accumulation, non-finite skipping."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,3 +199,15 @@ def test_skip_nonfinite_equals_optax_apply_if_finite():
     jax.tree.map(np.testing.assert_array_equal, state, ref_state)
     states = [state, ref_state]
   assert int(state.total_notfinite) == 4 and int(state.inner_state[1][0].count) == 4
+
+
+def test_train_step_has_no_branch_around_the_update():
+  """The non-finite skip is a select, so XLA can fuse the update into apply_updates: the
+  lowered train step holds no conditional (optax.apply_if_finite's lax.cond would be one)."""
+  program = build_program(tiny_config())
+  batch = jax.device_put(random_batch(8, 16), program.batch_sharding)
+  with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
+    text = program.jitted_train_step.__wrapped__.lower(
+        program.abstract_state, batch, program.frozen).as_text()
+  assert 'stablehlo.add' in text and 'stablehlo.select' in text
+  assert 'stablehlo.case' not in text and 'stablehlo.if' not in text
