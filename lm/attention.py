@@ -1,6 +1,6 @@
 """Attention kernels: jax.nn.dot_product_attention ('xla', 'cudnn'), the same in the compute
-dtype ('xla_bf16'), Pallas splash attention ('splash', the TPU kernel; on other backends in
-Pallas interpret mode, for tests) and a plain reference.
+dtype ('xla_bf16'), Pallas splash attention ('splash': tokamax's TPU kernel; on
+other backends in Pallas interpret mode, for tests) and a plain reference.
 
 Shapes: B batch, L query length, M key length, H query heads, K key/value heads
 (H % K == 0, grouped-query attention), G = H // K, Dh head dimension.
@@ -10,8 +10,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
 
@@ -90,6 +88,13 @@ def splash_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, window: i
   than there are key heads: then keys / values are repeated. Under a mesh it runs per shard
   through shard_map, batch and heads split as the activations' logical axes say; block sizes
   are 512 or the whole sequence when shorter (lengths must then be multiples of 128 on TPU)."""
+  # tokamax's splash rather than jax.experimental's: its kernels carry a cost estimate, so
+  # XLA's cost model (and `lm.plan`'s step estimate, read from it) sees their time, and its
+  # backward is one fused kernel. Imported here: tokamax's package imports
+  # its benchmarking and autotuning too (a second). It exports splash under _src only
+  # (MaxText's use_tokamax_splash imports it from there too).
+  from tokamax._src.ops.experimental.tpu.splash_attention import splash_attention_kernel as splash
+  from tokamax._src.ops.experimental.tpu.splash_attention import splash_attention_mask as mask
   B, L, H, Dh = q_BxLxHxDh.shape
   M, K = k_BxMxKxDh.shape[1], k_BxMxKxDh.shape[2]
   mesh = jax.sharding.get_abstract_mesh()
@@ -103,16 +108,14 @@ def splash_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, window: i
     k_BxMxKxDh = jnp.repeat(k_BxMxKxDh, H // K, axis=2)
     v_BxMxKxDh = jnp.repeat(v_BxMxKxDh, H // K, axis=2)
   if causal:
-    one = (splash_mask.LocalMask((L, M), (window - 1, 0), offset=M - L) if window else
-           splash_mask.CausalMask((L, M), offset=M - L))
+    one = (mask.LocalMask((L, M), (window - 1, 0), offset=M - L) if window else
+           mask.CausalMask((L, M), offset=M - L))
   else:
-    one = splash_mask.FullMask((L, M))
+    one = mask.FullMask((L, M))
   bq, bkv = min(512, L), min(512, M)
-  kernel = splash.make_splash_mha(
-      splash_mask.MultiHeadMask([one] * (H // heads)), head_shards=1, q_seq_shards=1,
-      block_sizes=splash.BlockSizes(block_q=bq, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                                    block_q_dq=bq, block_kv_dq=bkv),
-      interpret=_platform(mesh) != 'tpu')
+  kernel = splash.make_splash_mha(one, q_seq_shards=1, config=splash.SplashConfig(
+      block_q=bq, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+      interpret=_platform(mesh) != 'tpu'))
 
   def per_shard(q, k, v):   # [b, L, h, Dh]: the kernel takes one example's [h, L, Dh]
     to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)

@@ -12,7 +12,8 @@ FLOPs and the step estimate come from twins of the program without loops, of one
 layers, extrapolated to all (`cost_from`: 'unrolled'; see `_cost`); memory and collectives
 always come from the real program. Pipelined configs keep their loops (`cost_from`:
 'scanned', an underestimate). Pallas kernels (splash attention) are custom calls that XLA
-neither counts nor times: `uncosted_kernels` says how many the program has.
+costs only by the estimate they carry (tokamax's do: `lm.attention`); `pallas_kernels` says
+how many the program has.
 """
 import ast
 import json
@@ -176,7 +177,7 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
     live = row['state_gb'] + row['frozen_gb']
     return {**row, 'total_gb': row['temp_gb'] and live + row['temp_gb'], 'step_flops': None,
             'est_step_s': None, 'est_mfu': None, 'tokens_per_s_per_chip': None,
-            'cost_from': None, 'uncosted_kernels': None, 'collectives': {},
+            'cost_from': None, 'pallas_kernels': None, 'collectives': {},
             'compile_s': time.perf_counter() - start}
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
@@ -197,7 +198,7 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
           'est_step_s': step_s,
           'est_mfu': step_s and model_flops / (step_s * chips * spec.peak_flops),
           'tokens_per_s_per_chip': step_s and tokens / step_s / chips, 'cost_from': cost_from,
-          'uncosted_kernels': hlo and hlo.count('tpu_custom_call'),
+          'pallas_kernels': hlo and hlo.count('tpu_custom_call'),
           'collectives': hlo and collectives(hlo), 'compile_s': compile_s}
 
 

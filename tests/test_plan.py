@@ -60,7 +60,7 @@ def test_planned_flops_agree_with_the_model_count():
   config.train.grad_accum_steps = 2
   v5e_16 = tpus.parse('v5e-16')
   row = plan.plan(config, v5e_16)
-  assert row['cost_from'] == 'unrolled' and row['uncosted_kernels'] == 0
+  assert row['cost_from'] == 'unrolled' and row['pallas_kernels'] == 0
   assert row['step_flops'] == pytest.approx(row['model_flops_per_chip'], rel=0.10)
   assert row['est_step_s'] > 0 and 0 < row['est_mfu'] < 1
   assert row['tokens_per_s_per_chip'] == pytest.approx(128 * 128 / row['est_step_s'] / 16)
@@ -100,7 +100,7 @@ def test_a_libtpu_newer_than_jaxlib_still_plans(monkeypatch):
   readable = plan.plan(_config(), V5E_4, unroll=False)
   monkeypatch.setattr(jax.stages.Compiled, 'as_text', unreadable)
   row = plan.plan(_config(), V5E_4, unroll=False)
-  assert row['collectives'] is None and row['uncosted_kernels'] is None
+  assert row['collectives'] is None and row['pallas_kernels'] is None
   for key in ('state_gb', 'temp_gb', 'step_flops', 'est_step_s'):
     assert row[key] == readable[key] and row[key] > 0
   assert readable['collectives']['all-gather'] > 0
