@@ -18,7 +18,7 @@ from lm.checks import ConfigError, one_of
 MESH_AXES = ('data', 'fsdp', 'tensor', 'stage')
 OPTIMIZERS = ('adamw', 'adam', 'adafactor', 'lion', 'sgd')
 SCHEDULES = ('cosine', 'wsd', 'constant')
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'everything')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'everything', 'save_attention')
 ATTENTION_IMPLEMENTATIONS = ('xla', 'xla_bf16', 'cudnn', 'splash', 'reference')
 TOKENIZERS = ('char', 'byte', 'spm_bpe', 'spm_unigram')
 PACKINGS = ('window', 'pack')

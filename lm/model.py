@@ -21,6 +21,10 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.dots_saveable,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     'everything': jax.checkpoint_policies.everything_saveable,
+    # as 'full', but splash attention's output and log-sum-exp are kept: the backward pass
+    # then runs only the kernel's backward, not its forward again (other kernels: as 'full')
+    'save_attention': jax.checkpoint_policies.save_only_these_names(
+        attention_lib.SPLASH_RESIDUALS),
 }
 
 

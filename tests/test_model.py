@@ -176,6 +176,21 @@ def test_splash_model_sharded_equals_reference_on_one_device(kv_heads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_save_attention_remat_with_splash_equals_no_remat():
+  """remat='save_attention' keeps splash's output and log-sum-exp for the backward pass (one
+  kernel fewer: tests/test_tpu_compile.py) and recomputes the rest: the gradients stay."""
+  from tests.conftest import build_program, loss_and_grads, random_batch
+  batch = random_batch(4, 128)
+  results = {}
+  for remat in ('none', 'save_attention'):
+    config = tiny_config(attention='splash', remat=remat)
+    config.data.seq_len = 128
+    results[remat] = loss_and_grads(build_program(config, (1, 1, 1, 1)), batch)
+  np.testing.assert_allclose(results['save_attention'][0], results['none'][0], rtol=1e-6)
+  for a, b in zip(*(jax.tree.leaves(results[r][1]) for r in ('save_attention', 'none'))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_windowed_model_with_segments_equals_the_fast_path():
   """The model's two window paths: the mask built with packed segments, and the kernel's
   local window when there are none."""

@@ -9,9 +9,9 @@ from tests.conftest import tiny_config
 
 
 @functools.cache
-def _compiled_train_step(attention: str, window=None):
+def _compiled_train_step(attention: str, window=None, remat='none'):
   config = tiny_config(attention=attention, d_model=256, n_heads=2, n_kv_heads=1,
-                       dtype='bfloat16', attention_window=window)
+                       dtype='bfloat16', attention_window=window, remat=remat)
   config.data.seq_len = 512
   config.mesh.shape = (1, 4, 1, 1)   # FSDP over the 4 chips
   config = config_lib.resolve(config, None)
@@ -35,3 +35,11 @@ def test_splash_kernels_carry_their_cost_to_the_compiler():
   nothing: about half the FLOPs here."""
   flops = {a: _compiled_train_step(a).cost_analysis()['flops'] for a in ('splash', 'xla')}
   assert 1.0 < flops['splash'] / flops['xla'] < 1.15
+
+
+def test_save_attention_remat_does_not_run_the_forward_kernel_again():
+  """remat='full' recomputes the whole layer in the backward pass, splash's forward kernel
+  too; 'save_attention' keeps the kernel's output and log-sum-exp instead."""
+  kernels = lambda remat: _compiled_train_step('splash', remat=remat).as_text().count(
+      'tpu_custom_call')
+  assert kernels('full') == 3 and kernels('save_attention') == 2
