@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-SPLASH_RESIDUALS = 'splash_residuals'   # the kernel's output and log-sum-exp, for remat policies
+# checkpoint name of what remat='save_attention' keeps: q, k, v (lm.model) and splash's output
+# and log-sum-exp
+ATTENTION_RESIDUALS = 'attention_residuals'
 
 
 def window_mask(query_index_L, key_index_M, window: int):
@@ -117,7 +119,7 @@ def splash_attention(q_BxLxHxDh, k_BxMxKxDh, v_BxMxKxDh, causal: bool, window: i
   bq, bkv = min(512, L), min(512, M)
   kernel = splash.make_splash_mha(one, q_seq_shards=1, config=splash.SplashConfig(
       block_q=bq, block_kv=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-      residual_checkpoint_name=SPLASH_RESIDUALS, interpret=_platform(mesh) != 'tpu'))
+      residual_checkpoint_name=ATTENTION_RESIDUALS, interpret=_platform(mesh) != 'tpu'))
 
   def per_shard(q, k, v):   # [b, L, h, Dh]: the kernel takes one example's [h, L, Dh]
     to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)

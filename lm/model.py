@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.ad_checkpoint import checkpoint_name
 
 from lm import attention as attention_lib
 from lm import pipeline
@@ -21,10 +22,10 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.dots_saveable,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     'everything': jax.checkpoint_policies.everything_saveable,
-    # as 'full', but splash attention's output and log-sum-exp are kept: the backward pass
-    # then runs only the kernel's backward, not its forward again (other kernels: as 'full')
+    # as 'full', but the attention's q, k, v are kept, and splash's output and log-sum-exp:
+    # the backward pass then runs neither the q / kv projections nor splash's forward again
     'save_attention': jax.checkpoint_policies.save_only_these_names(
-        attention_lib.SPLASH_RESIDUALS),
+        attention_lib.ATTENTION_RESIDUALS),
 }
 
 
@@ -249,6 +250,8 @@ class Attention(nn.Module):
       q_BxLxHxDh = rotary(q_BxLxHxDh, positions_BxL, cfg.rope_theta)
       k_BxLxKxDh = rotary(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
     q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ('batch', 'length', 'act_heads', None))
+    q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh = (checkpoint_name(x, attention_lib.ATTENTION_RESIDUALS)
+                                          for x in (q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh))
     masks = lambda window: None   # window -> the mask, when one is needed
     if self.decode:
       k_BxLxKxDh, v_BxLxKxDh, masks = self._cached(k_BxLxKxDh, v_BxLxKxDh, segments_BxL)
