@@ -278,7 +278,7 @@ def test_scan_equals_unrolled_and_remat_equals_plain(style):
   tokens = _tokens()
   scanned = nn.unbox(model.init(jax.random.PRNGKey(0), tokens)['params'])
   loss, grads = _loss_and_grads(style, scanned, tokens)
-  for remat in ('full', 'dots', 'dots_no_batch'):
+  for remat in ('full', 'dots', 'dots_no_batch', 'save_attention'):
     loss_r, grads_r = _loss_and_grads({**style, 'remat': remat}, scanned, tokens)
     np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
