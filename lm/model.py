@@ -17,15 +17,18 @@ from jax.ad_checkpoint import checkpoint_name
 from lm import attention as attention_lib
 from lm import pipeline
 
+_policies = jax.checkpoint_policies
+# as 'full', but the attention's q, k, v are kept, and splash's output and log-sum-exp: the
+# backward pass then runs neither the q / kv projections nor splash's forward again
+_ATTENTION = _policies.save_only_these_names(attention_lib.ATTENTION_RESIDUALS)
 REMAT_POLICIES = {
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.dots_saveable,
-    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'everything': jax.checkpoint_policies.everything_saveable,
-    # as 'full', but the attention's q, k, v are kept, and splash's output and log-sum-exp:
-    # the backward pass then runs neither the q / kv projections nor splash's forward again
-    'save_attention': jax.checkpoint_policies.save_only_these_names(
-        attention_lib.ATTENTION_RESIDUALS),
+    'full': _policies.nothing_saveable,
+    # the matmul outputs, splash's among them (a custom call, which the dots policies miss)
+    'dots': _policies.save_from_both_policies(_policies.dots_saveable, _ATTENTION),
+    'dots_no_batch': _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _ATTENTION),
+    'everything': _policies.everything_saveable,
+    'save_attention': _ATTENTION,
 }
 
 

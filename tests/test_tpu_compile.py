@@ -46,6 +46,9 @@ def test_save_attention_remat_runs_neither_projections_nor_forward_kernel_again(
                                                                     'save_attention')}
   kernels = {r: c.as_text().count('tpu_custom_call') for r, c in compiled.items()}
   assert kernels == {'none': 2, 'full': 3, 'save_attention': 2}
+  # the dots policies keep splash's output too (XLA's dots policies alone miss custom calls)
+  assert _compiled_train_step('splash', remat='dots_no_batch').as_text().count(
+      'tpu_custom_call') == 2
   flops = {r: c.cost_analysis()['flops'] for r, c in compiled.items()}
   recomputed = lambda r: flops[r] - flops['none']
   assert 0 < recomputed('save_attention') < 0.3 * recomputed('full')
