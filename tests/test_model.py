@@ -177,8 +177,9 @@ def test_splash_model_sharded_equals_reference_on_one_device(kv_heads):
 
 
 def test_save_attention_remat_with_splash_equals_no_remat():
-  """remat='save_attention' keeps splash's output and log-sum-exp for the backward pass (one
-  kernel fewer: tests/test_tpu_compile.py) and recomputes the rest: the gradients stay."""
+  """remat='save_attention' keeps q, k, v and splash's output and log-sum-exp for the backward
+  pass (one kernel fewer: tests/test_tpu_compile.py) and recomputes the rest: the gradients
+  stay."""
   from tests.conftest import build_program, loss_and_grads, random_batch
   batch = random_batch(4, 128)
   results = {}

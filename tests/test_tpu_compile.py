@@ -1,6 +1,7 @@
 """The train step compiled ahead of time for a TPU topology (libtpu, no TPU needed; the `tpu`
 extra): with attention='splash' the Pallas kernel is lowered for TPU (Mosaic custom calls),
-not in interpret mode, inside the real FSDP-sharded step."""
+not in interpret mode, inside the real FSDP-sharded step, with its cost estimate, and the
+remat policies keep its output."""
 import functools
 
 from lm import config as config_lib
