@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import metrics, pipeline, train
+from lm import cli, metrics, pipeline, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
 _STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps (after one compile step and 10 warm-up).')
@@ -35,6 +35,7 @@ def _peak_memory_gb() -> float:
 
 def main(argv) -> None:
   del argv
+  cli.split_cpu(_CONFIG.value.mesh.cpu_devices)
   config, data, program = train.setup(_CONFIG.value, None)
   state = program.init(jax.random.PRNGKey(0))
   batches = [train.global_batch(program, next(data.train), config.train.batch_size)

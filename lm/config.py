@@ -191,6 +191,10 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1, 1),    # sizes of MESH_AXES; one may be -1 (all remaining devices)
+      # > 0: the commands that train (lm.main, benchmarks/throughput.py) split a host without
+      # accelerators into this many XLA:CPU devices, so that the data axis keeps every core
+      # busy through the whole step (see lm.cli.split_cpu); 0: JAX's one CPU device
+      cpu_devices=0,
       # logical axis -> mesh axes. Parameters: embed, mlp, heads, kv_heads, head_dim, vocab,
       # layers; activations: batch, length, act_embed, act_heads, act_mlp, act_vocab, stage.
       rules=(
@@ -340,6 +344,9 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
   one_of('data.overlong', d.overlong, ('truncate', 'error'))
   one_of('train.objective', t.objective, OBJECTIVES)
   config_post.validate(c)
+  if c.mesh.cpu_devices < 0:
+    raise ConfigError(f'config.mesh.cpu_devices={c.mesh.cpu_devices} must be 0 (one CPU device) '
+                      'or the number of devices to split the CPU into')
   for name in ('n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'd_ff', 'vocab_multiple'):
     if m[name] <= 0:
       raise ConfigError(f'config.model.{name}={m[name]} must be positive')

@@ -24,6 +24,7 @@ def main(argv) -> None:
   from lm import distributed, train  # after flag parsing: --help does not import JAX
   try:
     config = cli.load_config(_CONFIG)
+    cli.split_cpu(config.mesh.cpu_devices)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.train(config, _WORKDIR.value)
   except (config_lib.ConfigError, train.NonFiniteError) as e:

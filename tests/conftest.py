@@ -38,15 +38,19 @@ def tfds_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
+# the char_run fixture's overrides of the smoke variant
+CHAR_RUN_FLAGS = ('--config.train.steps=100', '--config.train.eval_every=100',
+                  '--config.train.checkpoint_every=100', '--config.train.eval_batches=4',
+                  '--config.sample.num_tokens=0')
+
+
 @pytest.fixture(scope='session')
 def char_run(tmp_path_factory, tfds_dir):
   """The default experiment trained for 100 steps (its smoke variant), once per test process:
   where the compression commands' tests start (they write their runs elsewhere)."""
   from tests.test_train import run_main  # test_train imports this module
   workdir = tmp_path_factory.mktemp('char_run') / 'run'
-  run_main(workdir, '--config.train.steps=100', '--config.train.eval_every=100',
-           '--config.train.checkpoint_every=100', '--config.train.eval_batches=4',
-           '--config.sample.num_tokens=0', f'--config.data.dir={tfds_dir}',
+  run_main(workdir, *CHAR_RUN_FLAGS, f'--config.data.dir={tfds_dir}',
            config='experiments/shakespeare_char.py:smoke')
   return workdir
 

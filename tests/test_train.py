@@ -12,6 +12,7 @@ import pytest
 from etils import epath
 
 from lm import train
+from tests.conftest import CHAR_RUN_FLAGS
 
 ROOT = epath.Path(__file__).parent.parent
 SMALL = ['--config.model.n_layers=2', '--config.model.d_model=64', '--config.train.steps=60',
@@ -44,9 +45,12 @@ EXPERIMENT = 'experiments/shakespeare_char.py'
 
 
 def run_main(workdir, *flags, config=EXPERIMENT, kill_at=None,
-             check=True):
-  """Runs the main command in a fresh process on one CPU device."""
+             check=True, devices: int | None = 1):
+  """Runs the main command in a fresh process on `devices` CPU devices (None: as many as the
+  experiment's config.mesh.cpu_devices asks for, as a user's command line gets)."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  if devices is not None:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   prefix = ['-c', KILLED_MAIN, str(kill_at), '30'] if kill_at else ['-m', 'lm.main']
   result = subprocess.run([sys.executable, *prefix, '--config', config, '--workdir',
                            str(workdir), *flags], capture_output=True, text=True, env=env,
@@ -235,11 +239,39 @@ def test_nonfinite_streak_stops_the_run():
 
 
 def test_shakespeare_char_reaches_nanogpt_validation_loss(tmp_path, tfds_dir):
-  """The full recipe of experiments/shakespeare_char.py (nanoGPT: 1.886 on this machine)."""
+  """The full recipe of experiments/shakespeare_char.py (nanoGPT: 1.886 on this machine), as
+  the README's main command runs it: on two CPU devices (config.mesh.cpu_devices)."""
   result = run_main(tmp_path / 'sc', f'--config.data.dir={tfds_dir}',
-                    '--config.sample.num_tokens=0')
+                    '--config.sample.num_tokens=0', devices=None)
+  assert "mesh {'data': 2," in result.stdout
   val = [m['val_loss'] for m in read_metrics(tmp_path / 'sc') if 'val_loss' in m]
   assert len(val) == 8 and val[-1] <= 1.89, (val, result.stdout[-500:])
+
+
+def test_cpu_devices_train_as_one_device_does(char_run, tmp_path, tfds_dir):
+  """config.mesh.cpu_devices=2 (the CPU recipe's setting): the main command splits the CPU
+  into two devices along the data axis, and trains as the one-device run does."""
+  result = run_main(tmp_path / 'two', *CHAR_RUN_FLAGS, f'--config.data.dir={tfds_dir}',
+                    config='experiments/shakespeare_char.py:smoke', devices=None)
+  assert "mesh {'data': 2," in result.stdout
+  one, two = read_metrics(char_run), read_metrics(tmp_path / 'two')
+  assert [sorted(m) for m in two] == [sorted(m) for m in one]
+  for name in ('loss', 'val_loss', 'test_loss'):
+    np.testing.assert_allclose([m[name] for m in two if name in m],
+                               [m[name] for m in one if name in m], rtol=1e-5)
+
+
+def test_split_cpu_only_where_the_device_count_is_not_set(tmp_path):
+  code = ('import os, jax; from lm import cli; cli.split_cpu(2); '
+          'print(jax.device_count(), os.environ.get("PJRT_NPROC"))')
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'PJRT_NPROC')}
+  split = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                         cwd=ROOT, check=True)
+  assert split.stdout.split() == ['2', str(len(os.sched_getaffinity(0)) + 2)]
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=3'   # as launch.local sets it
+  kept = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                        cwd=ROOT, check=True)
+  assert kept.stdout.split() == ['3', 'None']
 
 
 def test_llama_experiment_with_sentencepiece_end_to_end(tmp_path, tfds_dir):
