@@ -58,7 +58,8 @@ def split_cpu(devices: int) -> None:
   # max(cores, devices) threads: with 2 devices on 2 cores, runs of 400-2000 steps and 8-50
   # evaluations deadlocked in the eval step's all-reduce 6 times in 9; with cores + devices
   # threads (PJRT_NPROC sizes the pools), in none of 6.
-  os.environ.setdefault('PJRT_NPROC', str(len(os.sched_getaffinity(0)) + devices))
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  os.environ.setdefault('PJRT_NPROC', str((cores or 1) + devices))
   jax.config.update('jax_num_cpu_devices', devices)
 
 
