@@ -261,17 +261,16 @@ def test_cpu_devices_train_as_one_device_does(char_run, tmp_path, tfds_dir):
                                [m[name] for m in one if name in m], rtol=1e-5)
 
 
-def test_split_cpu_only_where_the_device_count_is_not_set(tmp_path):
+def test_split_cpu_only_where_the_device_count_is_not_set():
   code = ('import os, jax; from lm import cli; cli.split_cpu(2); '
           'print(jax.device_count(), os.environ.get("PJRT_NPROC"))')
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'PJRT_NPROC')}
-  split = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
-                         cwd=ROOT, check=True)
-  assert split.stdout.split() == ['2', str(len(os.sched_getaffinity(0)) + 2)]
+  devices_and_threads = lambda: subprocess.run(
+      [sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=ROOT,
+      check=True).stdout.split()
+  assert devices_and_threads() == ['2', str(len(os.sched_getaffinity(0)) + 2)]
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=3'   # as launch.local sets it
-  kept = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
-                        cwd=ROOT, check=True)
-  assert kept.stdout.split() == ['3', 'None']
+  assert devices_and_threads() == ['3', 'None']
 
 
 def test_llama_experiment_with_sentencepiece_end_to_end(tmp_path, tfds_dir):
