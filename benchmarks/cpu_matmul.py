@@ -1,9 +1,13 @@
 """Where the CPU gap to PyTorch comes from: the matmuls of nanoGPT's CPU recipe (768 tokens x
 128 channels; qkv, attention output, MLP in and out), forward and both gradients, each timed
-alone in XLA (jitted) and in PyTorch (oneDNN), on the same threads. Prints one JSON line.
+in XLA and in PyTorch (MKL) on the same threads. Prints one JSON line.
 
-    python benchmarks/cpu_matmul.py [--tokens 768] [--d 128] [--repeats 200]
+    python benchmarks/cpu_matmul.py [--tokens 768] [--d 128] [--cpu_devices 2]
 
+XLA runs each product `CHAIN` times in one jitted call, every result feeding the next product,
+so that the ~60 us of dispatching a jitted call is not counted (a train step pays it once for
+~1,100 kernels); PyTorch's eager call is timed as its training loop makes it.
+`--cpu_devices N` splits the tokens over N XLA:CPU devices as config.mesh.cpu_devices does.
 Needs torch (the `test` extra).
 """
 import argparse
@@ -11,11 +15,16 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lm import cli
+
+CHAIN = 20   # products per timed XLA call
 
 
-def _median_us(fn, args: tuple, repeats: int) -> float:
+def _median_us(fn, args: tuple, repeats: int, per_call: int = 1) -> float:
   fn(*args)
   fn(*args)
   times = []
@@ -23,37 +32,60 @@ def _median_us(fn, args: tuple, repeats: int) -> float:
     start = time.perf_counter()
     fn(*args)
     times.append(time.perf_counter() - start)
-  return 1e6 * float(np.median(times))
+  return 1e6 * float(np.median(times)) / per_call
+
+
+def _xla_products(mesh):
+  """Forward, weight-gradient and input-gradient products, each `CHAIN` times in one jitted
+  call, unrolled: every product's input nudged by one element of the previous result, so that
+  they run one after another, as in a train step, and none is hoisted or merged. (A
+  `lax.fori_loop` would copy its carry every iteration.)"""
+  products = [lambda x, w, g: x @ w, lambda x, w, g: x.T @ g, lambda x, w, g: g @ w.T]
+
+  def chained(product):
+    def run(x, w, g):
+      for _ in range(CHAIN):
+        out = product(x, w, g)
+        x, g = x + 1e-9 * out[0, 0], g + 1e-9 * out[0, 0]   # the unused one is dropped
+      return out
+    # each device multiplies its own tokens (the weight gradient stays per device: the
+    # train step's all-reduce of it is not a matmul)
+    out = P() if product is products[1] else P('data')
+    return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P('data'), P(), P('data')),
+                                 out_specs=out, check_vma=False))
+  return [chained(p) for p in products]
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--tokens', type=int, default=768, help='batch x context')
   parser.add_argument('--d', type=int, default=128)
-  parser.add_argument('--repeats', type=int, default=200)
+  parser.add_argument('--cpu_devices', type=int, default=0,
+                      help='XLA:CPU devices the tokens are split over (0: one)')
+  parser.add_argument('--repeats', type=int, default=20)
   args = parser.parse_args()
+  cli.split_cpu(args.cpu_devices)
   import torch
   rng = np.random.default_rng(0)
   d, n = args.d, args.tokens
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  xla = [lambda *a, f=f: jax.block_until_ready(f(*a)) for f in _xla_products(mesh)]
   shapes = {'qkv': (d, 3 * d), 'attn_out': (d, d), 'mlp_in': (d, 4 * d), 'mlp_out': (4 * d, d)}
-  synced = lambda f: lambda *a: f(*a).block_until_ready()
-  xla = [synced(jax.jit(f)) for f in (lambda x, w: x @ w, lambda x, g: x.T @ g,
-                                       lambda g, w: g @ w.T)]
   rows, total = {}, {'xla': 0.0, 'torch': 0.0}
   for name, (k, m) in shapes.items():
     x, w, g = (rng.standard_normal(s, dtype=np.float32) for s in ((n, k), (k, m), (n, m)))
-    jx, jw, jg = map(jnp.asarray, (x, w, g))
+    jx, jg = (jax.device_put(a, NamedSharding(mesh, P('data'))) for a in (x, g))
+    jw = jax.device_put(w, NamedSharding(mesh, P()))
     tx, tw, tg = map(torch.from_numpy, (x, w, g))
-    calls = {  # forward, weight gradient, input gradient
-        'xla': zip(xla, ((jx, jw), (jx, jg), (jg, jw))),
-        'torch': zip([torch.matmul] * 3, ((tx, tw), (tx.T, tg), (tg, tw.T)))}
-    rows[name] = {}
-    for side, pairs in calls.items():
-      us = sum(_median_us(fn, fn_args, args.repeats) for fn, fn_args in pairs)
-      rows[name][f'{side}_us'] = round(us, 1)
-      total[side] += us
-  print(json.dumps({'tokens': n, 'd': d, 'threads': torch.get_num_threads(),
-                    'per_layer_fwd_bwd_us': rows,
+    rows[name] = {
+        'xla_us': sum(_median_us(f, (jx, jw, jg), args.repeats, CHAIN) for f in xla),
+        'torch_us': sum(_median_us(torch.matmul, pair, 10 * args.repeats) for pair in
+                        ((tx, tw), (tx.T, tg), (tg, tw.T)))}   # forward, dW, dx
+    for side in total:
+      total[side] += rows[name][f'{side}_us']
+      rows[name][f'{side}_us'] = round(rows[name][f'{side}_us'], 1)
+  print(json.dumps({'tokens': n, 'd': d, 'xla_devices': jax.device_count(),
+                    'threads': torch.get_num_threads(), 'per_layer_fwd_bwd_us': rows,
                     'xla_over_torch': round(total['xla'] / total['torch'], 2)}))
 
 
