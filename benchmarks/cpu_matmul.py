@@ -40,20 +40,20 @@ def _xla_products(mesh):
   call, unrolled: every product's input nudged by one element of the previous result, so that
   they run one after another, as in a train step, and none is hoisted or merged. (A
   `lax.fori_loop` would copy its carry every iteration.)"""
-  products = [lambda x, w, g: x @ w, lambda x, w, g: x.T @ g, lambda x, w, g: g @ w.T]
+  # each device multiplies its own tokens (the weight gradient stays per device: the train
+  # step's all-reduce of it is not a matmul), with the product's output spec
+  products = [(lambda x, w, g: x @ w, P('data')), (lambda x, w, g: x.T @ g, P()),
+              (lambda x, w, g: g @ w.T, P('data'))]
 
-  def chained(product):
+  def chained(product, out_spec):
     def run(x, w, g):
       for _ in range(CHAIN):
         out = product(x, w, g)
         x, g = x + 1e-9 * out[0, 0], g + 1e-9 * out[0, 0]   # the unused one is dropped
       return out
-    # each device multiplies its own tokens (the weight gradient stays per device: the
-    # train step's all-reduce of it is not a matmul)
-    out = P() if product is products[1] else P('data')
     return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P('data'), P(), P('data')),
-                                 out_specs=out, check_vma=False))
-  return [chained(p) for p in products]
+                                 out_specs=out_spec, check_vma=False))
+  return [chained(*p) for p in products]
 
 
 def main() -> None:
@@ -77,13 +77,11 @@ def main() -> None:
     jx, jg = (jax.device_put(a, NamedSharding(mesh, P('data'))) for a in (x, g))
     jw = jax.device_put(w, NamedSharding(mesh, P()))
     tx, tw, tg = map(torch.from_numpy, (x, w, g))
-    rows[name] = {
-        'xla_us': sum(_median_us(f, (jx, jw, jg), args.repeats, CHAIN) for f in xla),
-        'torch_us': sum(_median_us(torch.matmul, pair, 10 * args.repeats) for pair in
-                        ((tx, tw), (tx.T, tg), (tg, tw.T)))}   # forward, dW, dx
-    for side in total:
-      total[side] += rows[name][f'{side}_us']
-      rows[name][f'{side}_us'] = round(rows[name][f'{side}_us'], 1)
+    us = {'xla': sum(_median_us(f, (jx, jw, jg), args.repeats, CHAIN) for f in xla),
+          'torch': sum(_median_us(torch.matmul, pair, 10 * args.repeats) for pair in
+                       ((tx, tw), (tx.T, tg), (tg, tw.T)))}   # forward, dW, dx
+    rows[name] = {f'{side}_us': round(t, 1) for side, t in us.items()}
+    total = {side: total[side] + us[side] for side in total}
   print(json.dumps({'tokens': n, 'd': d, 'xla_devices': jax.device_count(),
                     'threads': torch.get_num_threads(), 'per_layer_fwd_bwd_us': rows,
                     'xla_over_torch': round(total['xla'] / total['torch'], 2)}))
