@@ -33,6 +33,21 @@ def tiny_config(**model):
   return c
 
 
+# Modules whose tests compile for TPU and check the compiler's estimates: they compile as a
+# user's plan does.
+TPU_MODULES = ('test_plan', 'test_tpu_compile')
+
+
+@pytest.fixture(autouse=True)
+def cheap_cpu_compiles(request):
+  """Tests compile hundreds of small programs and run each a few times: LLVM optimizing the
+  CPU code costs them more than it saves (test_model, test_pipeline, test_optim, test_post and
+  test_sample: 1,340 CPU-seconds with it, 655 without). Only in the test processes: the
+  commands tests start train for up to thousands of steps, compiled as a user's run is."""
+  cheap = request.module.__name__.rsplit('.', 1)[-1] not in TPU_MODULES
+  jax.config.update('jax_disable_most_optimizations', cheap)
+
+
 @pytest.fixture(scope='session')
 def tfds_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
