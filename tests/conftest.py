@@ -33,9 +33,10 @@ def tiny_config(**model):
   return c
 
 
-# Modules whose tests compile for TPU and check the compiler's estimates: they compile as a
-# user's plan does.
-TPU_MODULES = ('test_plan', 'test_tpu_compile')
+# Modules that keep LLVM's optimizations: those that compile for TPU and check the compiler's
+# estimates (they compile as a user's plan does), and test_scaling, whose fits run 4,500
+# L-BFGS solves in one program (its run time dominates: 11 s in all optimized, 20 s without).
+OPTIMIZED_MODULES = ('test_plan', 'test_tpu_compile', 'test_scaling')
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +45,22 @@ def cheap_cpu_compiles(request):
   CPU code costs them more than it saves (test_model, test_pipeline, test_optim, test_post and
   test_sample: 1,340 CPU-seconds with it, 655 without). Only in the test processes: the
   commands tests start train for up to thousands of steps, compiled as a user's run is."""
-  cheap = request.module.__name__.rsplit('.', 1)[-1] not in TPU_MODULES
+  cheap = request.module.__name__.rsplit('.', 1)[-1] not in OPTIMIZED_MODULES
   jax.config.update('jax_disable_most_optimizations', cheap)
+
+
+# Fixtures that train or compile for minutes and are shared by several tests: the tests using
+# one run in one xdist worker (`--dist loadgroup` in setup.cfg), which builds it once
+SHARED_FIXTURES = ('char_run', 'chain', 'parametric', 'fsdp_plan')
+
+
+@pytest.hookimpl(tryfirst=True)   # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+  for item in items:
+    for name in SHARED_FIXTURES:
+      if name in item.fixturenames:
+        item.add_marker(pytest.mark.xdist_group(name))
+        break
 
 
 @pytest.fixture(scope='session')

@@ -114,17 +114,14 @@ def test_distillation_refuses_a_teacher_of_another_vocabulary(tmp_path):
     build_program(_distill_config(str(tmp_path / 'nowhere')))
 
 
-def test_student_equal_to_its_teacher_has_zero_loss_at_init_then_mlm_command(tmp_path,
+def test_student_equal_to_its_teacher_has_zero_loss_at_init_then_mlm_command(char_run, tmp_path,
                                                                              tfds_dir):
-  smoke = ('--config.train.steps=20', '--config.train.eval_every=20',
+  run_main(tmp_path / 'student', '--config.train.steps=20', '--config.train.eval_every=20',
            '--config.train.checkpoint_every=20', '--config.train.eval_batches=2',
-           f'--config.data.dir={tfds_dir}')
-  char = 'experiments/shakespeare_char.py:smoke'
-  run_main(tmp_path / 'teacher', *smoke, '--config.sample.num_tokens=0', config=char)
-  run_main(tmp_path / 'student', *smoke, '--config.train.objective=distill',
-           f'--config.distill.teacher={tmp_path / "teacher"}', '--config.distill.kl_weight=1.0',
-           f'--config.train.init_from={tmp_path / "teacher"}', '--config.train.log_every=1',
-           '--config.sample.num_tokens=0', config=char)
+           f'--config.data.dir={tfds_dir}', '--config.train.objective=distill',
+           f'--config.distill.teacher={char_run}', '--config.distill.kl_weight=1.0',
+           f'--config.train.init_from={char_run}', '--config.train.log_every=1',
+           '--config.sample.num_tokens=0', config='experiments/shakespeare_char.py:smoke')
   first = read_metrics(tmp_path / 'student')[0]
   assert first['step'] == 1 and abs(first['loss']) < 1e-6 and abs(first['kl']) < 1e-6, first
 

@@ -26,8 +26,14 @@ def _config(mesh=(1, 4, 1, 1), batch=8, seq_len=128, **model):
   return config
 
 
-def test_fsdp_holds_a_quarter_of_the_data_parallel_state_per_chip():
-  fsdp = plan.plan(_config((1, 4, 1, 1)), V5E_4, unroll=False)
+@pytest.fixture(scope='module')
+def fsdp_plan():
+  """The default _config (FSDP over 4 chips) planned without twins: one compile, shared."""
+  return plan.plan(_config(), V5E_4, unroll=False)
+
+
+def test_fsdp_holds_a_quarter_of_the_data_parallel_state_per_chip(fsdp_plan):
+  fsdp = fsdp_plan
   replicated = plan.plan(_config((4, 1, 1, 1)), V5E_4, unroll=False)
   # parameters + AdamW's two moments in float32: 12 bytes per parameter, all on each chip
   assert replicated['state_gb'] == pytest.approx(12 * replicated['params'] / 1e9, rel=1e-3)
@@ -91,13 +97,13 @@ def test_a_pipelined_config_compiles_with_collective_permutes():
   assert row['cost_from'] == 'scanned'
 
 
-def test_a_libtpu_newer_than_jaxlib_still_plans(monkeypatch):
+def test_a_libtpu_newer_than_jaxlib_still_plans(monkeypatch, fsdp_plan):
   """jax 0.10.2 compiles through libtpu 0.0.52 (MaxText's compiler) but cannot read back the
   compiled HLO text: the plan keeps its memory and cost figures, without collectives."""
   def unreadable(compiled):
     raise jax.errors.JaxRuntimeError('INTERNAL: RET_CHECK failure: async-update instruction '
                                      'should have 1 operands but sees 3')
-  readable = plan.plan(_config(), V5E_4, unroll=False)
+  readable = fsdp_plan
   monkeypatch.setattr(jax.stages.Compiled, 'as_text', unreadable)
   row = plan.plan(_config(), V5E_4, unroll=False)
   assert row['collectives'] is None and row['pallas_kernels'] is None
