@@ -4,7 +4,7 @@ batch and compiled by libtpu on this machine, then read back: memory per chip, F
 compiler's own estimate of the step time, and the collectives.
 
     python -m lm.plan --config experiments/X.py --topology v5p-64 [--config.a.b=v ...]
-        [--sweep model.remat=none,full ...] [--nounroll]
+        [--sweep model.remat=none,full ...] [--nounroll] [--breakdown 20]
 
 Prints a table and one JSON line per planned config. XLA's cost analysis counts the body of a
 loop once (scanned layers, gradient accumulation, the compiler's windowed einsums), so the
@@ -13,9 +13,11 @@ layers, extrapolated to all (`cost_from`: 'unrolled'; see `_cost`); memory and c
 always come from the real program. Pipelined configs keep their loops (`cost_from`:
 'scanned', an underestimate). Pallas kernels (splash attention) are custom calls that XLA
 costs only by the estimate they carry (tokamax's do: `lm.attention`); `pallas_kernels` says
-how many the program has.
+how many the program has. `--breakdown N` adds where the estimate goes (`breakdown`): the N
+largest JAX operations per layer and of the rest of the step.
 """
 import ast
+import collections
 import json
 import math
 import re
@@ -114,15 +116,64 @@ NO_WINDOWED_EINSUM = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
                       'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False}
 
 
-def _twin_cost(config: ml_collections.ConfigDict, devices: list, n_layers: int) -> dict:
-  """FLOPs and step time of a twin without loops: `n_layers` layers unrolled, one microbatch,
-  no windowed einsums."""
+def compile_twin(config: ml_collections.ConfigDict, devices: list, n_layers: int):
+  """The train step of a twin of a resolved config without loops, compiled: `n_layers` layers
+  unrolled, one microbatch, no windowed einsums."""
   twin = config.unlock().copy_and_resolve_references()
   twin.model.update(scan_layers=False, n_layers=n_layers)
   twin.train.update(batch_size=twin.train.batch_size // twin.train.grad_accum_steps,
                     grad_accum_steps=1)
-  cost = compile_train_step(program_on(twin, devices), twin, NO_WINDOWED_EINSUM).cost_analysis()
+  return compile_train_step(program_on(twin, devices), twin, NO_WINDOWED_EINSUM)
+
+
+def _twin_cost(config: ml_collections.ConfigDict, devices: list, n_layers: int) -> dict:
+  """FLOPs and step time of a twin without loops (`compile_twin`)."""
+  cost = compile_twin(config, devices, n_layers).cost_analysis()
   return {k: cost[k] for k in ('flops', 'optimal_seconds')}
+
+
+def operation_cycles(compiled) -> collections.Counter | None:
+  """libtpu's own estimate (`estimated_cycles`, written into each instruction of the entry
+  computation it schedules) by the JAX operation the instructions came from, named by their
+  metadata (else the instruction's name), with `layers_N` for a layer's index, `bwd(...)` for
+  the backward pass and no numbers at the end. None where the HLO text cannot be read back."""
+  try:
+    hlo = compiled.as_text()
+  except jax.errors.JaxRuntimeError:   # a libtpu newer than jaxlib
+    return None
+  cycles = collections.Counter()
+  for line in hlo[hlo.index('\nENTRY'):].splitlines():
+    estimate = re.search(r'"estimated_cycles":"(\d+)"', line)
+    if estimate:
+      op = re.search(r'op_name="([^"]*)"', line)
+      name = op[1] if op else re.search(r'%([^ =]+)', line)[1]
+      name = re.sub(r'layers_\d+', 'layers_N', name.replace('jit(train_step)/', ''))
+      name = re.sub(r'transpose\(jvp\((.*?)\)\)', r'bwd(\1)', name).replace("\\'", "'")
+      name = re.sub(r'(\.(\d+|clone))+$', '', name)
+      cycles[name] += int(estimate[1])
+  return cycles
+
+
+def breakdown(config: ml_collections.ConfigDict, devices: list, top: int) -> dict | None:
+  """Where the estimated step of one microbatch goes, in milliseconds: per layer (the two-layer
+  twin's `operation_cycles` less the one-layer twin's, operation by operation) and the rest
+  (the one-layer twin less a layer), the `top` largest operations of each. Each part is
+  scaled to XLA's estimate of it (`optimal_seconds`: two-layer less one-layer twin, and
+  one-layer twin less that), which is not exactly the instructions' sum (1% apart for the
+  Llama-3-8B shape): rest + n_layers x per layer is `lm.plan`'s extrapolation."""
+  twins = [compile_twin(config, devices, n) for n in (1, 2)]
+  (one, two), (one_s, two_s) = ([operation_cycles(t) for t in twins],
+                                [t.cost_analysis()['optimal_seconds'] for t in twins])
+  if one is None or two is None:
+    return None
+  layer = {k: two[k] - one[k] for k in set(two) | set(one)}
+  rest = {k: one[k] - layer[k] for k in layer}
+
+  def largest(part: dict, seconds: float) -> list:
+    ms = 1e3 * seconds / sum(part.values())
+    return [[k, round(v * ms, 4)] for k, v in sorted(part.items(), key=lambda kv: -kv[1])[:top]]
+  return {'per_layer_ms': 1e3 * (two_s - one_s), 'rest_ms': 1e3 * (2 * one_s - two_s),
+          'per_layer': largest(layer, two_s - one_s), 'rest': largest(rest, 2 * one_s - two_s)}
 
 
 def _cost(config: ml_collections.ConfigDict, program: steps.Program, compiled,
@@ -152,12 +203,20 @@ def _cost(config: ml_collections.ConfigDict, program: steps.Program, compiled,
   return {key: k * value for key, value in cost.items()}, 'unrolled'
 
 
-def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: bool = True) -> dict:
-  """The plan of one config on one slice (the keys of the command's JSON line)."""
-  devices = topology.devices()
-  config_lib.validate(config_lib.resolve(config, None), len(devices))
+def resolved(config: ml_collections.ConfigDict, chips: int) -> ml_collections.ConfigDict:
+  """The config resolved (and validated) as a run on `chips` chips would resolve it."""
+  config_lib.validate(config_lib.resolve(config, None), chips)
   config = config_lib.resolve(config, _vocab_size(config))
-  config_lib.validate(config, len(devices))
+  config_lib.validate(config, chips)
+  return config
+
+
+def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: bool = True,
+         top: int = 0) -> dict:
+  """The plan of one config on one slice (the keys of the command's JSON line); with `top` > 0
+  also its `breakdown`."""
+  devices = topology.devices()
+  config = resolved(config, len(devices))
   program = program_on(config, devices)
   chips, spec = topology.chips, topology.spec
   state = program.abstract_state
@@ -199,7 +258,9 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
           'est_mfu': step_s and model_flops / (step_s * chips * spec.peak_flops),
           'tokens_per_s_per_chip': step_s and tokens / step_s / chips, 'cost_from': cost_from,
           'pallas_kernels': hlo and hlo.count('tpu_custom_call'),
-          'collectives': hlo and collectives(hlo), 'compile_s': compile_s}
+          'collectives': hlo and collectives(hlo), 'compile_s': compile_s,
+          **({'breakdown': breakdown(config, devices, top) if cost_from == 'unrolled' else None}
+             if top else {})}
 
 
 def table(rows: list[dict], swept: list[str]) -> str:
@@ -244,6 +305,8 @@ _SWEEP = flags.DEFINE_multi_string('sweep', [], 'KEY=V1,V2,...: plan each value 
                                    'flags: every combination).')
 _UNROLL = flags.DEFINE_bool('unroll', True, 'FLOPs and step time from loop-free twins of the '
                             'program (XLA counts a loop body once).')
+_BREAKDOWN = flags.DEFINE_integer('breakdown', 0, 'N > 0: also where the estimated step goes, '
+                                  'the N largest operations per layer and of the rest.')
 flags.mark_flags_as_required(['config', 'topology'])
 
 
@@ -259,7 +322,7 @@ def main(argv) -> None:
             f'({topology.chips} chips): compiling (minutes for billions of parameters)',
             file=sys.stderr, flush=True)
       config = sweeps.apply(cli.load_config(_CONFIG), point)
-      row = {**point, **plan(config, topology, _UNROLL.value)}
+      row = {**point, **plan(config, topology, _UNROLL.value, _BREAKDOWN.value)}
       print(json.dumps(row), flush=True)
       rows.append(row)
   except ConfigError as e:

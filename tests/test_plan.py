@@ -2,6 +2,7 @@
 needed; memory, FLOPs and collectives read back from the compiled program."""
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -77,15 +78,32 @@ def test_planned_flops_agree_with_the_model_count():
 
 def test_the_cost_of_all_layers_is_extrapolated_from_twins_of_one_and_two():
   """The plan's FLOPs and step estimate of a scanned 4-layer model (from unrolled twins of 1
-  and 2 layers) are those of the same model compiled with its 4 layers unrolled."""
+  and 2 layers) are those of the same model compiled with its 4 layers unrolled; its
+  breakdown splits the same twins' estimates over the model's operations, per layer and the
+  rest."""
   config = _config(scan_layers=True, n_layers=4)
-  row = plan.plan(config, V5E_4)
+  row = plan.plan(config, V5E_4, top=1000)
   unrolled = config_lib.resolve(config, None).unlock()
   unrolled.model.scan_layers = False
   cost = plan.compile_train_step(plan.program_on(unrolled, V5E_4.devices()),
                                  unrolled).cost_analysis()
   assert row['step_flops'] == pytest.approx(cost['flops'], rel=1e-3)
   assert row['est_step_s'] == pytest.approx(cost['optimal_seconds'], rel=0.02)
+
+  split = row['breakdown']
+  assert 1e3 * row['est_step_s'] == pytest.approx(split['rest_ms'] + 4 * split['per_layer_ms'])
+  per_layer, rest = dict(split['per_layer']), dict(split['rest'])
+  assert sum(per_layer.values()) == pytest.approx(split['per_layer_ms'], abs=1e-3)
+  # a layer is its own operations (whatever its index), the output head is in the rest
+  layer_ops = [k for k, v in per_layer.items() if v > 0.01 * split['per_layer_ms']]
+  assert layer_ops and all('layers_N/' in k and not re.search(r'layers_\d', k)
+                           for k in layer_ops if 'dot_general' in k)
+  assert {'layers_N/mlp/wi/dot_general', 'layers_N/mlp/wo/dot_general',
+          'layers_N/attn/q/dot_general'} <= {k.rpartition('checkpoint/')[2].partition(
+              'jvp(Transformer)/')[2] or k for k in layer_ops}
+  head = [k for k in rest if 'bld,vd->blv' in k]
+  assert head and all(abs(per_layer.get(k, 0.0)) < 1e-6 for k in head)
+  assert all(rest[k] > 0 for k in head)
 
 
 def test_a_pipelined_config_compiles_with_collective_permutes():
