@@ -160,7 +160,8 @@ def breakdown(config: ml_collections.ConfigDict, devices: list, top: int) -> dic
   (the one-layer twin less a layer), the `top` largest operations of each. Each part is
   scaled to XLA's estimate of it (`optimal_seconds`: two-layer less one-layer twin, and
   one-layer twin less that), which is not exactly the instructions' sum (1% apart for the
-  Llama-3-8B shape): rest + n_layers x per layer is `lm.plan`'s extrapolation."""
+  Llama-3-8B shape): rest + n_layers x per layer is `lm.plan`'s extrapolation where every
+  layer is alike. The twins are compiled once more for it."""
   twins = [compile_twin(config, devices, n) for n in (1, 2)]
   (one, two), (one_s, two_s) = ([operation_cycles(t) for t in twins],
                                 [t.cost_analysis()['optimal_seconds'] for t in twins])
@@ -306,7 +307,8 @@ _SWEEP = flags.DEFINE_multi_string('sweep', [], 'KEY=V1,V2,...: plan each value 
 _UNROLL = flags.DEFINE_bool('unroll', True, 'FLOPs and step time from loop-free twins of the '
                             'program (XLA counts a loop body once).')
 _BREAKDOWN = flags.DEFINE_integer('breakdown', 0, 'N > 0: also where the estimated step goes, '
-                                  'the N largest operations per layer and of the rest.')
+                                  'the N largest operations per layer and of the rest (compiles '
+                                  'the twins once more).')
 flags.mark_flags_as_required(['config', 'topology'])
 
 
