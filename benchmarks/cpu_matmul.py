@@ -2,7 +2,7 @@
 128 channels; qkv, attention output, MLP in and out), forward and both gradients, each timed
 in XLA and in PyTorch (MKL) on the same threads. Prints one JSON line.
 
-    python benchmarks/cpu_matmul.py [--tokens 768] [--d 128] [--cpu_devices 2]
+    python benchmarks/cpu_matmul.py [--tokens 768] [--d 128] [--cpu_devices 2] [--dtype bfloat16]
 
 XLA runs each product `CHAIN` times in one jitted call, every result feeding the next product,
 so that the ~60 us of dispatching a jitted call is not counted (a train step pays it once for
@@ -63,6 +63,9 @@ def main() -> None:
   parser.add_argument('--cpu_devices', type=int, default=0,
                       help='XLA:CPU devices the tokens are split over (0: one)')
   parser.add_argument('--repeats', type=int, default=20)
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='both sides multiply in it (bfloat16: PyTorch uses AMX where the '
+                      'CPU has it)')
   args = parser.parse_args()
   cli.split_cpu(args.cpu_devices)
   import torch
@@ -74,15 +77,16 @@ def main() -> None:
   rows, total = {}, {'xla': 0.0, 'torch': 0.0}
   for name, (k, m) in shapes.items():
     x, w, g = (rng.standard_normal(s, dtype=np.float32) for s in ((n, k), (k, m), (n, m)))
-    jx, jg = (jax.device_put(a, NamedSharding(mesh, P('data'))) for a in (x, g))
-    jw = jax.device_put(w, NamedSharding(mesh, P()))
-    tx, tw, tg = map(torch.from_numpy, (x, w, g))
+    jx, jg = (jax.device_put(a.astype(args.dtype), NamedSharding(mesh, P('data')))
+              for a in (x, g))
+    jw = jax.device_put(w.astype(args.dtype), NamedSharding(mesh, P()))
+    tx, tw, tg = (torch.from_numpy(a).to(getattr(torch, args.dtype)) for a in (x, w, g))
     us = {'xla': sum(_median_us(f, (jx, jw, jg), args.repeats, CHAIN) for f in xla),
           'torch': sum(_median_us(torch.matmul, pair, 10 * args.repeats) for pair in
                        ((tx, tw), (tx.T, tg), (tg, tw.T)))}   # forward, dW, dx
     rows[name] = {f'{side}_us': round(t, 1) for side, t in us.items()}
     total = {side: total[side] + us[side] for side in total}
-  print(json.dumps({'tokens': n, 'd': d, 'xla_devices': jax.device_count(),
+  print(json.dumps({'tokens': n, 'd': d, 'dtype': args.dtype, 'xla_devices': jax.device_count(),
                     'threads': torch.get_num_threads(), 'per_layer_fwd_bwd_us': rows,
                     'xla_over_torch': round(total['xla'] / total['torch'], 2)}))
 

@@ -26,6 +26,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   path = _config_path(argv)
   if path is not None and not os.path.exists(path):
     fail(f'--config: no such experiment file: {path}')
+  if path is not None and os.path.exists(os.path.join(os.path.dirname(path), '__init__.py')):
+    # an experiment in a package imports its siblings (`from experiments import x`), also
+    # when the command is a script outside the repository root (python benchmarks/x.py)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:   # an override naming a key the config lacks

@@ -78,13 +78,15 @@ def collectives(hlo: str) -> dict[str, int]:
   return {k: v for k, v in counts.items() if v}
 
 
-def program_on(config: ml_collections.ConfigDict, devices: list) -> steps.Program:
-  """The program a run of a resolved config builds, on a mesh over `devices`."""
+def program_on(config: ml_collections.ConfigDict, devices: list,
+               state_layout=None) -> steps.Program:
+  """The program a run of a resolved config builds, on a mesh over `devices` (`state_layout`:
+  see `steps.build`)."""
   if config_post.OBJECTIVE_FORMATS[config.train.objective] != 'text':
     raise ConfigError(f'config.train.objective={config.train.objective!r}: lm.plan plans '
                       'objectives that read text (lm, mlm)')
   return steps.build(config, sharding.make_mesh(config_lib.mesh_shape(config, len(devices)),
-                                                devices))
+                                                devices), state_layout)
 
 
 def compile_train_step(program: steps.Program, config: ml_collections.ConfigDict,
@@ -116,19 +118,19 @@ NO_WINDOWED_EINSUM = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
                       'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False}
 
 
-def compile_twin(config: ml_collections.ConfigDict, devices: list, n_layers: int):
+def compile_twin(config: ml_collections.ConfigDict, devices: list, n_layers: int,
+                 state_layout=None):
   """The train step of a twin of a resolved config without loops, compiled: `n_layers` layers
-  unrolled, one microbatch, no windowed einsums."""
+  unrolled, one microbatch, no windowed einsums (`state_layout`: see `steps.build`)."""
   twin = config.unlock().copy_and_resolve_references()
   twin.model.update(scan_layers=False, n_layers=n_layers)
   twin.train.update(batch_size=twin.train.batch_size // twin.train.grad_accum_steps,
                     grad_accum_steps=1)
-  return compile_train_step(program_on(twin, devices), twin, NO_WINDOWED_EINSUM)
+  return compile_train_step(program_on(twin, devices, state_layout), twin, NO_WINDOWED_EINSUM)
 
 
-def _twin_cost(config: ml_collections.ConfigDict, devices: list, n_layers: int) -> dict:
-  """FLOPs and step time of a twin without loops (`compile_twin`)."""
-  cost = compile_twin(config, devices, n_layers).cost_analysis()
+def _flops_and_seconds(compiled) -> dict:
+  cost = compiled.cost_analysis()
   return {k: cost[k] for k in ('flops', 'optimal_seconds')}
 
 
@@ -154,15 +156,18 @@ def operation_cycles(compiled) -> collections.Counter | None:
   return cycles
 
 
-def breakdown(config: ml_collections.ConfigDict, devices: list, top: int) -> dict | None:
+def breakdown(config: ml_collections.ConfigDict, devices: list, top: int,
+              twins: dict | None = None) -> dict | None:
   """Where the estimated step of one microbatch goes, in milliseconds: per layer (the two-layer
   twin's `operation_cycles` less the one-layer twin's, operation by operation) and the rest
   (the one-layer twin less a layer), the `top` largest operations of each. Each part is
   scaled to XLA's estimate of it (`optimal_seconds`: two-layer less one-layer twin, and
   one-layer twin less that), which is not exactly the instructions' sum (1% apart for the
   Llama-3-8B shape): rest + n_layers x per layer is `lm.plan`'s extrapolation where every
-  layer is alike. The twins are compiled once more for it."""
-  twins = [compile_twin(config, devices, n) for n in (1, 2)]
+  layer is alike. `twins`: those already compiled, by number of layers (`_cost`'s); the
+  others are compiled here."""
+  twins = twins or {}
+  twins = [twins.get(n) or compile_twin(config, devices, n) for n in (1, 2)]
   (one, two), (one_s, two_s) = ([operation_cycles(t) for t in twins],
                                 [t.cost_analysis()['optimal_seconds'] for t in twins])
   if one is None or two is None:
@@ -178,30 +183,33 @@ def breakdown(config: ml_collections.ConfigDict, devices: list, top: int) -> dic
 
 
 def _cost(config: ml_collections.ConfigDict, program: steps.Program, compiled,
-          unroll: bool) -> tuple[dict, str]:
-  """(FLOPs and XLA's step-time estimate, 'unrolled' | 'scanned'). XLA counts a loop body
-  once, and loops come from scanned layers, gradient accumulation and the compiler's own
-  windowed einsums, so they come from twins without loops (not with pipeline stages): one
-  microbatch, its cost times config.train.grad_accum_steps (which counts the optimizer update
-  that many times: about 1% more at these sizes); no windowed einsums; and layers unrolled,
-  of which two twins, of one and of two layers (of one and two periods of
-  attention_global_every), are compiled and the cost extrapolated linearly to n_layers:
-  unrolling every layer of a large model takes libtpu many minutes on a CPU."""
+          unroll: bool) -> tuple[dict, str, dict]:
+  """(FLOPs and XLA's step-time estimate, 'unrolled' | 'scanned', the twins compiled for it by
+  number of layers). XLA counts a loop body once, and loops come from scanned layers, gradient
+  accumulation and the compiler's own windowed einsums, so they come from twins without loops
+  (not with pipeline stages): one microbatch, its cost times config.train.grad_accum_steps
+  (which counts the optimizer update that many times: about 1% more at these sizes); no
+  windowed einsums; and layers unrolled, of which two twins, of one and of two layers (of one
+  and two periods of attention_global_every), are compiled and the cost extrapolated linearly
+  to n_layers: unrolling every layer of a large model takes libtpu many minutes on a CPU."""
   m, k = config.model, config.train.grad_accum_steps
   if not unroll or program.mesh.shape['stage'] > 1:
-    return compiled.cost_analysis(), 'scanned'
+    return compiled.cost_analysis(), 'scanned', {}
   devices = program.mesh.devices.flatten().tolist()
   period = m.attention_global_every or 1
+  whole = m.n_layers % period or m.n_layers < 2 * period
   try:
-    if m.n_layers % period or m.n_layers < 2 * period:
-      cost = _twin_cost(config, devices, m.n_layers)
-    else:
-      one, two = (_twin_cost(config, devices, n) for n in (period, 2 * period))
-      cost = {key: one[key] + (m.n_layers // period - 1) * (two[key] - one[key]) for key in one}
+    twins = {n: compile_twin(config, devices, n)
+             for n in ((m.n_layers,) if whole else (period, 2 * period))}
   except jax.errors.JaxRuntimeError as e:
     _out_of_memory(e)   # the twin outgrew HBM: the loops' own (under)estimate
-    return compiled.cost_analysis(), 'scanned'
-  return {key: k * value for key, value in cost.items()}, 'unrolled'
+    return compiled.cost_analysis(), 'scanned', {}
+  if whole:
+    cost = _flops_and_seconds(twins[m.n_layers])
+  else:
+    one, two = (_flops_and_seconds(twins[n]) for n in (period, 2 * period))
+    cost = {key: one[key] + (m.n_layers // period - 1) * (two[key] - one[key]) for key in one}
+  return {key: k * value for key, value in cost.items()}, 'unrolled', twins
 
 
 def resolved(config: ml_collections.ConfigDict, chips: int) -> ml_collections.ConfigDict:
@@ -246,7 +254,7 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
   # the larger of XLA's temporary allocation and its peak heap less the arguments: libtpu
   # 0.0.42 reports a temp_size of 0, or less than the peak, for some programs
   temp = max(memory.temp_size_in_bytes, memory.peak_memory_in_bytes - live)
-  cost, cost_from = _cost(config, program, compiled, unroll)
+  cost, cost_from, twins = _cost(config, program, compiled, unroll)
   # XLA's estimate comes out negative for some loops (seen with --nounroll): no estimate
   step_s = cost['optimal_seconds'] if cost['optimal_seconds'] > 0 else None
   try:
@@ -260,7 +268,8 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
           'tokens_per_s_per_chip': step_s and tokens / step_s / chips, 'cost_from': cost_from,
           'pallas_kernels': hlo and hlo.count('tpu_custom_call'),
           'collectives': hlo and collectives(hlo), 'compile_s': compile_s,
-          **({'breakdown': breakdown(config, devices, top) if cost_from == 'unrolled' else None}
+          **({'breakdown': breakdown(config, devices, top, twins)
+                           if cost_from == 'unrolled' else None}
              if top else {})}
 
 
@@ -307,8 +316,7 @@ _SWEEP = flags.DEFINE_multi_string('sweep', [], 'KEY=V1,V2,...: plan each value 
 _UNROLL = flags.DEFINE_bool('unroll', True, 'FLOPs and step time from loop-free twins of the '
                             'program (XLA counts a loop body once).')
 _BREAKDOWN = flags.DEFINE_integer('breakdown', 0, 'N > 0: also where the estimated step goes, '
-                                  'the N largest operations per layer and of the rest (compiles '
-                                  'the twins once more).')
+                                  'the N largest operations per layer and of the rest.')
 flags.mark_flags_as_required(['config', 'topology'])
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import struct
+from jax.experimental.layout import Format, Layout
 
 from lm import config as config_lib
 from lm import model as model_lib
@@ -154,8 +155,11 @@ def _split(config, variables: dict) -> tuple[Any, dict]:
   return (variables['lora'] if lora else variables['params']), frozen
 
 
-def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program:
-  """The jitted init / train / eval functions for a resolved, validated config."""
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+          state_layout: Layout | None = None) -> Program:
+  """The jitted init / train / eval functions for a resolved, validated config. `state_layout`
+  (Layout.AUTO: the compiler's choice) lays out the train step's state; only for compiling it
+  ahead of time (`benchmarks/state_layouts.py`): runs keep the default layouts."""
   model_config = model_config_for(config, mesh.shape['stage'])
   model = quant.transformer(model_config)
   reference = quant.transformer(dataclasses.replace(model_config, scalar_head=False,
@@ -209,6 +213,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
                               accum_steps=config.train.grad_accum_steps)
+  step_state = state_sharding if state_layout is None else jax.tree.map(
+      lambda s: Format(state_layout, s), state_sharding)
   return Program(
       model=model, model_config=model_config, reference=reference, objective=objective, tx=tx,
       schedule=schedule, mesh=mesh, rules=rules, state_sharding=state_sharding,
@@ -218,8 +224,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
       init_frozen=sharding.with_mesh(jax.jit(init_frozen, out_shardings=frozen_sharding),
                                      mesh, rules),
       jitted_train_step=sharding.with_mesh(jax.jit(
-          step_fn, in_shardings=(state_sharding, batch_sharding, frozen_sharding),
-          out_shardings=(state_sharding, replicated), donate_argnums=0), mesh, rules),
+          step_fn, in_shardings=(step_state, batch_sharding, frozen_sharding),
+          out_shardings=(step_state, replicated), donate_argnums=0), mesh, rules),
       jitted_eval_step=sharding.with_mesh(jax.jit(
           functools.partial(eval_step, objective=objective),
           in_shardings=(params_sharding, frozen_sharding, batch_sharding),

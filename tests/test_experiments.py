@@ -1,5 +1,7 @@
 """Every experiment file gives a valid config; the model sizes are the ones they claim."""
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 from etils import epath
@@ -43,3 +45,20 @@ def test_model_sizes(name, vocab, millions):
                               .get_config(), vocab)
   total = model_lib.ModelConfig.from_config(config.model).param_counts()['total']
   assert abs(total / 1e6 - millions) < 0.01, total
+
+
+def test_an_experiment_importing_a_sibling_loads_from_a_script_anywhere(tmp_path):
+  """`python benchmarks/x.py --config experiments/llama3_8b_lm1b.py` (sys.path[0] is the
+  script's folder, not the repository) reads the 8B experiment, which imports the 1B one."""
+  root = epath.Path(__file__).parent.parent
+  script = tmp_path / 'script.py'
+  script.write_text('from absl import app\nfrom ml_collections import config_flags\n'
+                    'from lm import cli\n'
+                    "CONFIG = config_flags.DEFINE_config_file('config')\n"
+                    'app.run(lambda _: print(CONFIG.value.model.n_layers), '
+                    'flags_parser=cli.parse_flags)\n')
+  result = subprocess.run([sys.executable, str(script), '--config',
+                           str(root / 'experiments/llama3_8b_lm1b.py')],
+                          capture_output=True, text=True, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ['32']

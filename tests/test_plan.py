@@ -76,13 +76,18 @@ def test_planned_flops_agree_with_the_model_count():
   assert scanned['step_flops'] < 0.4 * row['step_flops']
 
 
-def test_the_cost_of_all_layers_is_extrapolated_from_twins_of_one_and_two():
+def test_the_cost_of_all_layers_is_extrapolated_from_twins_of_one_and_two(monkeypatch):
   """The plan's FLOPs and step estimate of a scanned 4-layer model (from unrolled twins of 1
-  and 2 layers) are those of the same model compiled with its 4 layers unrolled; its
-  breakdown splits the same twins' estimates over the model's operations, per layer and the
-  rest."""
+  and 2 layers, each compiled once) are those of the same model compiled with its 4 layers
+  unrolled; its breakdown splits the same twins' estimates over the model's operations, per
+  layer and the rest."""
   config = _config(scan_layers=True, n_layers=4)
+  compiled_twins = []
+  compile_twin = plan.compile_twin
+  monkeypatch.setattr(plan, 'compile_twin', lambda config, devices, n_layers: (
+      compiled_twins.append(n_layers) or compile_twin(config, devices, n_layers)))
   row = plan.plan(config, V5E_4, top=1000)
+  assert sorted(compiled_twins) == [1, 2]
   unrolled = config_lib.resolve(config, None).unlock()
   unrolled.model.scan_layers = False
   cost = plan.compile_train_step(plan.program_on(unrolled, V5E_4.devices()),

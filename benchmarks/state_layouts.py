@@ -1,0 +1,50 @@
+"""What layouts of the train state chosen by the compiler would save on a TPU slice: the one-
+and two-layer twins that `lm.plan` extrapolates from, compiled by libtpu with the state in
+the default layouts and in `Layout.AUTO` (runs keep the default ones). Prints one JSON line:
+XLA's estimate of each twin, per layer, extrapolated to the config's layers, the cycles
+libtpu spends on copies, and the state's layouts that differ from the default. Needs the `tpu`
+extra; no TPU.
+
+    python benchmarks/state_layouts.py --config experiments/llama3_8b_lm1b.py \
+        --topology v5p-8 --config.train.batch_size=8 --config.model.remat=full
+"""
+import json
+import sys
+
+import jax
+from absl import app
+from jax.experimental.layout import Layout
+
+from lm import cli, plan, tpus
+
+
+def main(argv) -> None:
+  del argv
+  jax.config.update('jax_platforms', 'cpu')   # compiles for TPU, runs nothing
+  devices = tpus.parse(plan._TOPOLOGY.value).devices()   # lm.plan's flags
+  config = plan.resolved(cli.load_config(plan._CONFIG), len(devices))
+  row = {}
+  for name, layout in (('default', None), ('auto', Layout.AUTO)):
+    seconds = []
+    for n_layers in (1, 2):
+      print(f'compiling the {n_layers}-layer twin, {name} layouts', file=sys.stderr, flush=True)
+      compiled = plan.compile_twin(config, devices, n_layers, layout)
+      seconds.append(compiled.cost_analysis()['optimal_seconds'])
+      row[f'{name}_copy_cycles_{n_layers}_layers'] = (plan.operation_cycles(compiled) or {}).get(
+          'copy', 0)
+    one, two = seconds   # as lm.plan extrapolates where every layer is alike
+    row.update({f'{name}_twins_s': seconds, f'{name}_per_layer_ms': 1e3 * (two - one),
+                f'{name}_est_step_s': config.train.grad_accum_steps * (
+                    one + (config.model.n_layers - 1) * (two - one))})
+    if layout is not None:   # the two-layer twin's choices, where they are not the default
+      state = jax.tree_util.tree_flatten_with_path(compiled.input_formats[0][0])[0]
+      row['auto_layouts'] = {jax.tree_util.keystr(path): str(f.layout.major_to_minor)
+                             for path, f in state
+                             if f.layout is not None and list(f.layout.major_to_minor)
+                             != sorted(f.layout.major_to_minor)}
+  row['saved'] = 1 - row['auto_est_step_s'] / row['default_est_step_s']
+  print(json.dumps(row))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)
