@@ -16,13 +16,17 @@ from absl import app
 from jax.experimental.layout import Layout
 
 from lm import cli, plan, tpus
+from lm.checks import ConfigError
 
 
 def main(argv) -> None:
   del argv
   jax.config.update('jax_platforms', 'cpu')   # compiles for TPU, runs nothing
-  devices = tpus.parse(plan._TOPOLOGY.value).devices()   # lm.plan's flags
-  config = plan.resolved(cli.load_config(plan._CONFIG), len(devices))
+  try:   # bad input is one line, as lm.plan's
+    devices = tpus.parse(plan._TOPOLOGY.value).devices()   # lm.plan's flags
+    config = plan.resolved(cli.load_config(plan._CONFIG), len(devices))
+  except ConfigError as e:
+    cli.fail(str(e))
   row = {}
   for name, layout in (('default', None), ('auto', Layout.AUTO)):
     seconds = []
