@@ -1,7 +1,7 @@
 """What layouts of the train state chosen by the compiler would save on a TPU slice: the one-
 and two-layer twins that `lm.plan` extrapolates from, compiled by libtpu with the state in
 the default layouts and in `Layout.AUTO` (runs keep the default ones). Prints one JSON line:
-XLA's estimate of each twin, per layer, extrapolated to the config's layers, the cycles
+XLA's estimate of each twin, per layer, the step as `lm.plan` extrapolates it, the cycles
 libtpu spends on copies, and the state's layouts that differ from the default. Needs the `tpu`
 extra; no TPU.
 
@@ -29,18 +29,18 @@ def main(argv) -> None:
     cli.fail(str(e))
   row = {}
   for name, layout in (('default', None), ('auto', Layout.AUTO)):
-    seconds = []
-    for n_layers in (1, 2):
-      print(f'compiling the {n_layers}-layer twin, {name} layouts', file=sys.stderr, flush=True)
-      compiled = plan.compile_twin(config, devices, n_layers, layout)
-      seconds.append(compiled.cost_analysis()['optimal_seconds'])
-      row[f'{name}_copy_cycles_{n_layers}_layers'] = (plan.operation_cycles(compiled) or {}).get(
+    print(f'compiling the twins, {name} layouts', file=sys.stderr, flush=True)
+    cost, twins = plan.extrapolated(config, devices, layout)   # as lm.plan estimates the step
+    seconds = {n: t.cost_analysis()['optimal_seconds'] for n, t in twins.items()}
+    row.update({f'{name}_twins_s': list(seconds.values()),
+                f'{name}_est_step_s': cost['optimal_seconds']})
+    if len(twins) == 2:   # one and two layers (periods of attention_global_every)
+      (n, one), (_, two) = seconds.items()
+      row[f'{name}_per_layer_ms'] = 1e3 * (two - one) / n
+    for n, compiled in twins.items():
+      row[f'{name}_copy_cycles_{n}_layers'] = (plan.operation_cycles(compiled) or {}).get(
           'copy', 0)
-    one, two = seconds   # as lm.plan extrapolates where every layer is alike
-    row.update({f'{name}_twins_s': seconds, f'{name}_per_layer_ms': 1e3 * (two - one),
-                f'{name}_est_step_s': config.train.grad_accum_steps * (
-                    one + (config.model.n_layers - 1) * (two - one))})
-    if layout is not None:   # the two-layer twin's choices, where they are not the default
+    if layout is not None:   # the largest twin's choices, where they are not the default
       state = jax.tree_util.tree_flatten_with_path(compiled.input_formats[0][0])[0]
       row['auto_layouts'] = {jax.tree_util.keystr(path): str(f.layout.major_to_minor)
                              for path, f in state

@@ -29,7 +29,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   if path is not None and os.path.exists(os.path.join(os.path.dirname(path), '__init__.py')):
     # an experiment in a package imports its siblings (`from experiments import x`), also
     # when the command is a script outside the repository root (python benchmarks/x.py)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if parent not in sys.path:
+      sys.path.insert(0, parent)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:   # an override naming a key the config lacks

@@ -166,10 +166,9 @@ def breakdown(config: ml_collections.ConfigDict, devices: list, top: int,
   Llama-3-8B shape): rest + n_layers x per layer is `lm.plan`'s extrapolation where every
   layer is alike. `twins`: those already compiled, by number of layers (`_cost`'s); the
   others are compiled here."""
-  twins = twins or {}
-  twins = [twins.get(n) or compile_twin(config, devices, n) for n in (1, 2)]
-  (one, two), (one_s, two_s) = ([operation_cycles(t) for t in twins],
-                                [t.cost_analysis()['optimal_seconds'] for t in twins])
+  compiled = [(twins or {}).get(n) or compile_twin(config, devices, n) for n in (1, 2)]
+  (one, two), (one_s, two_s) = ([operation_cycles(t) for t in compiled],
+                                [t.cost_analysis()['optimal_seconds'] for t in compiled])
   if one is None or two is None:
     return None
   layer = {k: two[k] - one[k] for k in set(two) | set(one)}
@@ -182,34 +181,43 @@ def breakdown(config: ml_collections.ConfigDict, devices: list, top: int,
           'per_layer': largest(layer, two_s - one_s), 'rest': largest(rest, 2 * one_s - two_s)}
 
 
-def _cost(config: ml_collections.ConfigDict, program: steps.Program, compiled,
-          unroll: bool) -> tuple[dict, str, dict]:
-  """(FLOPs and XLA's step-time estimate, 'unrolled' | 'scanned', the twins compiled for it by
-  number of layers). XLA counts a loop body once, and loops come from scanned layers, gradient
-  accumulation and the compiler's own windowed einsums, so they come from twins without loops
-  (not with pipeline stages): one microbatch, its cost times config.train.grad_accum_steps
+def extrapolated(config: ml_collections.ConfigDict, devices: list,
+                 state_layout=None) -> tuple[dict, dict]:
+  """(FLOPs and XLA's step-time estimate of a resolved config's train step, the twins
+  compiled for it by number of layers). XLA counts a loop body once, and loops come from
+  scanned layers, gradient accumulation and the compiler's own windowed einsums, so the cost
+  comes from twins without loops: one microbatch, its cost times config.train.grad_accum_steps
   (which counts the optimizer update that many times: about 1% more at these sizes); no
   windowed einsums; and layers unrolled, of which two twins, of one and of two layers (of one
   and two periods of attention_global_every), are compiled and the cost extrapolated linearly
-  to n_layers: unrolling every layer of a large model takes libtpu many minutes on a CPU."""
+  to n_layers: unrolling every layer of a large model takes libtpu many minutes on a CPU.
+  `state_layout`: see `steps.build`."""
   m, k = config.model, config.train.grad_accum_steps
-  if not unroll or program.mesh.shape['stage'] > 1:
-    return compiled.cost_analysis(), 'scanned', {}
-  devices = program.mesh.devices.flatten().tolist()
   period = m.attention_global_every or 1
   whole = m.n_layers % period or m.n_layers < 2 * period
-  try:
-    twins = {n: compile_twin(config, devices, n)
-             for n in ((m.n_layers,) if whole else (period, 2 * period))}
-  except jax.errors.JaxRuntimeError as e:
-    _out_of_memory(e)   # the twin outgrew HBM: the loops' own (under)estimate
-    return compiled.cost_analysis(), 'scanned', {}
+  twins = {n: compile_twin(config, devices, n, state_layout)
+           for n in ((m.n_layers,) if whole else (period, 2 * period))}
   if whole:
     cost = _flops_and_seconds(twins[m.n_layers])
   else:
     one, two = (_flops_and_seconds(twins[n]) for n in (period, 2 * period))
     cost = {key: one[key] + (m.n_layers // period - 1) * (two[key] - one[key]) for key in one}
-  return {key: k * value for key, value in cost.items()}, 'unrolled', twins
+  return {key: k * value for key, value in cost.items()}, twins
+
+
+def _cost(config: ml_collections.ConfigDict, program: steps.Program, compiled,
+          unroll: bool) -> tuple[dict, str, dict]:
+  """(FLOPs and XLA's step-time estimate, 'unrolled' | 'scanned', the twins compiled for it by
+  number of layers): `extrapolated` (not with pipeline stages), else the compiled program's
+  own, which counts each loop body once."""
+  if not unroll or program.mesh.shape['stage'] > 1:
+    return compiled.cost_analysis(), 'scanned', {}
+  try:
+    cost, twins = extrapolated(config, program.mesh.devices.flatten().tolist())
+  except jax.errors.JaxRuntimeError as e:
+    _out_of_memory(e)   # the twin outgrew HBM: the loops' own (under)estimate
+    return compiled.cost_analysis(), 'scanned', {}
+  return cost, 'unrolled', twins
 
 
 def resolved(config: ml_collections.ConfigDict, chips: int) -> ml_collections.ConfigDict:

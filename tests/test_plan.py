@@ -84,8 +84,8 @@ def test_the_cost_of_all_layers_is_extrapolated_from_twins_of_one_and_two(monkey
   config = _config(scan_layers=True, n_layers=4)
   compiled_twins = []
   compile_twin = plan.compile_twin
-  monkeypatch.setattr(plan, 'compile_twin', lambda config, devices, n_layers: (
-      compiled_twins.append(n_layers) or compile_twin(config, devices, n_layers)))
+  monkeypatch.setattr(plan, 'compile_twin', lambda config, devices, n_layers, *layout: (
+      compiled_twins.append(n_layers) or compile_twin(config, devices, n_layers, *layout)))
   row = plan.plan(config, V5E_4, top=1000)
   assert sorted(compiled_twins) == [1, 2]
   unrolled = config_lib.resolve(config, None).unlock()
