@@ -51,7 +51,7 @@ def cheap_cpu_compiles(request):
 
 # Fixtures that train or compile for minutes and are shared by several tests: the tests using
 # one run in one xdist worker (`--dist loadgroup` in setup.cfg), which builds it once
-SHARED_FIXTURES = ('char_run', 'chain', 'parametric', 'fsdp_plan')
+SHARED_FIXTURES = ('char_run', 'chain', 'parametric', 'fsdp_plan', 'small_run')
 
 
 @pytest.hookimpl(tryfirst=True)   # before pytest-xdist reads the groups

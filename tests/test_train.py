@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -100,10 +101,23 @@ def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
   assert len(final) == 1 and final[0] == [m for m in read_metrics(whole) if 'test_loss' in m][0]
 
 
-def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, tfds_dir):
-  workdir = tmp_path / 'run'
+@pytest.fixture(scope='module')
+def small_run(tmp_path_factory, tfds_dir):
+  """A finished run of SMALL (checkpoints 30 and 60): tests that change a run take a copy."""
+  workdir = tmp_path_factory.mktemp('small_run') / 'run'
+  run_main(workdir, *SMALL, f'--config.data.dir={tfds_dir}')
+  return workdir
+
+
+def _copy(run, workdir):
+  shutil.copytree(run, workdir)
+  return workdir
+
+
+def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_used(small_run, tmp_path,
+                                                                          tfds_dir):
+  workdir = _copy(small_run, tmp_path / 'run')
   flags = [*SMALL, f'--config.data.dir={tfds_dir}']
-  run_main(workdir, *flags)
   for f in (workdir / 'checkpoints' / '60' / 'state').rglob('*'):
     if f.is_file():
       f.write_bytes(b'garbage')
@@ -128,10 +142,9 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_pa
     assert len(read_metrics(workdir)) == lines
 
 
-def test_resume_refuses_another_model_and_keeps_the_schedule(tmp_path, tfds_dir):
-  workdir = tmp_path / 'run'
+def test_resume_refuses_another_model_and_keeps_the_schedule(small_run, tmp_path, tfds_dir):
+  workdir = _copy(small_run, tmp_path / 'run')
   flags = [*SMALL, f'--config.data.dir={tfds_dir}']
-  run_main(workdir, *flags)
   before = read_metrics(workdir)
   refused = run_main(workdir, *flags, '--config.model.d_model=32', '--config.train.steps=90',
                      check=False)
@@ -153,10 +166,10 @@ def test_resume_refuses_another_model_and_keeps_the_schedule(tmp_path, tfds_dir)
   np.testing.assert_allclose([lrs[s] for s in range(61, 91)], 1e-4, rtol=1e-5)   # step n: lr(n - 1)
 
 
-def test_warm_start_takes_the_parameters_and_tokenizer_of_another_run(tmp_path, tfds_dir):
-  source, target = tmp_path / 'source', tmp_path / 'target'
+def test_warm_start_takes_the_parameters_and_tokenizer_of_another_run(small_run, tmp_path,
+                                                                      tfds_dir):
+  source, target = small_run, tmp_path / 'target'
   flags = [*SMALL, f'--config.data.dir={tfds_dir}']
-  run_main(source, *flags)
   frozen = ['--config.optim.lr=0', '--config.optim.min_lr=0', '--config.train.steps=30']
   result = run_main(target, *flags, *frozen, f'--config.train.init_from={source}')
   assert f'starting from the parameters of {source}/checkpoints/60' in result.stdout
