@@ -41,7 +41,8 @@ def main(argv) -> None:
       row[f'{name}_copy_cycles_{n}_layers'] = (plan.operation_cycles(compiled) or {}).get(
           'copy', 0)
     if layout is not None:   # the largest twin's choices, where they are not the default
-      state = jax.tree_util.tree_flatten_with_path(compiled.input_formats[0][0])[0]
+      largest = twins[max(twins)]
+      state = jax.tree_util.tree_flatten_with_path(largest.input_formats[0][0])[0]
       row['auto_layouts'] = {jax.tree_util.keystr(path): str(f.layout.major_to_minor)
                              for path, f in state
                              if f.layout is not None and list(f.layout.major_to_minor)

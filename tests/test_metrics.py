@@ -65,7 +65,6 @@ def test_object_store_workdirs_rewrite_metrics_and_copy_events(tmp_path, monkeyp
   assert events and all(p.name.startswith('events.out.tfevents') for p in events)
 
 
-
 def test_tensorboard_events_are_written_without_importing_torch_or_cloud_storage(tmp_path):
   """tensorboardX imports PyTorch and Google Cloud Storage wherever they are installed (3.1 s
   of every run's start); the writer keeps them out, and both still import afterwards."""

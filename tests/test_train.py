@@ -109,14 +109,9 @@ def small_run(tmp_path_factory, tfds_dir):
   return workdir
 
 
-def _copy(run, workdir):
-  shutil.copytree(run, workdir)
-  return workdir
-
-
 def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_used(small_run, tmp_path,
                                                                           tfds_dir):
-  workdir = _copy(small_run, tmp_path / 'run')
+  workdir = shutil.copytree(small_run, tmp_path / 'run')
   flags = [*SMALL, f'--config.data.dir={tfds_dir}']
   for f in (workdir / 'checkpoints' / '60' / 'state').rglob('*'):
     if f.is_file():
@@ -143,7 +138,7 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_used(small_
 
 
 def test_resume_refuses_another_model_and_keeps_the_schedule(small_run, tmp_path, tfds_dir):
-  workdir = _copy(small_run, tmp_path / 'run')
+  workdir = shutil.copytree(small_run, tmp_path / 'run')
   flags = [*SMALL, f'--config.data.dir={tfds_dir}']
   before = read_metrics(workdir)
   refused = run_main(workdir, *flags, '--config.model.d_model=32', '--config.train.steps=90',
