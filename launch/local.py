@@ -29,8 +29,9 @@ def host_commands(hosts: int, port: int, workdir: str, passed: list[str]) -> lis
 
 def run(hosts: int, devices_per_host: int, workdir: str, passed: list[str]) -> int:
   """Starts the hosts and waits for them; returns the run's exit code."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_host}'}
+  # the caller's XLA flags reach the hosts; a device count there is overridden (the last wins)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(filter(None, (
+      os.environ.get('XLA_FLAGS'), f'--xla_force_host_platform_device_count={devices_per_host}')))}
   logs = os.path.join(workdir, 'logs')
   os.makedirs(logs, exist_ok=True)
   procs = []

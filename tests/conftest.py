@@ -2,8 +2,12 @@
 import os
 import tempfile
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+# XLA:CPU's older fusion emitters compile in half the time of the default ones, and tests run
+# each program a few times (test_model, test_pipeline, test_sharding: 173 s on 2 cores against
+# 397; test_scaling, the one module whose programs run long, 61 s against 44)
+CHEAP_XLA_FLAGS = '--xla_cpu_use_fusion_emitters=false'
+os.environ['XLA_FLAGS'] = ' '.join(filter(None, (
+    os.environ.get('XLA_FLAGS'), CHEAP_XLA_FLAGS, '--xla_force_host_platform_device_count=8')))
 os.environ['JAX_PLATFORMS'] = 'cpu'
 # JAX's persistent compilation cache, shared by the test processes (xdist workers and the
 # commands tests run): many compile the same programs. Entries are keyed by the program,
@@ -43,10 +47,23 @@ OPTIMIZED_MODULES = ('test_plan', 'test_tpu_compile', 'test_scaling')
 def cheap_cpu_compiles(request):
   """Tests compile hundreds of small programs and run each a few times: LLVM optimizing the
   CPU code costs them more than it saves (test_model, test_pipeline, test_optim, test_post and
-  test_sample: 1,340 CPU-seconds with it, 655 without). Only in the test processes: the
-  commands tests start train for up to thousands of steps, compiled as a user's run is."""
+  test_sample: 1,340 CPU-seconds with it, 655 without). The commands tests start: see
+  command_env."""
   cheap = request.module.__name__.rsplit('.', 1)[-1] not in OPTIMIZED_MODULES
   jax.config.update('jax_disable_most_optimizations', cheap)
+
+
+def command_env(optimized: bool = False, **extra: str) -> dict[str, str]:
+  """The environment of a command a test starts: one CPU device, as a user's shell gives it,
+  and the tests' compilation cache. Compiled as the tests' own programs are (without LLVM's
+  optimizations, older fusion emitters) unless `optimized`: most commands train a small model
+  for tens of steps, where compiling costs more than it saves (30 steps of test_train's SMALL:
+  17 s of CPU against 22-28 s without the emitters' flag). The long trainings (the CPU recipe,
+  the post-training chain's longer stages) compile as a user's run does."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  if not optimized:
+    env.update(JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS=CHEAP_XLA_FLAGS)
+  return {**env, **extra}
 
 
 # Fixtures that train or compile for minutes and are shared by several tests: the tests using

@@ -1,5 +1,4 @@
 """Bad input gives one clear line naming the field or file, before anything compiles."""
-import os
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ from etils import epath
 
 from lm import config as config_lib
 from lm.data import pipeline, sources
-from tests.conftest import tiny_config
+from tests.conftest import command_env, tiny_config
 
 
 def _validate(config, devices=8):
@@ -90,11 +89,10 @@ def test_unknown_source_kind():
 
 
 def test_main_prints_one_line_and_exits_2(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   result = subprocess.run(
       [sys.executable, '-m', 'lm.main', '--config', 'experiments/shakespeare_char.py',
        '--workdir', str(tmp_path), '--config.model.n_heads=3'],
-      capture_output=True, text=True, env=env, cwd=epath.Path(__file__).parent.parent)
+      capture_output=True, text=True, env=command_env(), cwd=epath.Path(__file__).parent.parent)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       'error: config.model.d_model=128 is not divisible by config.model.n_heads=3')

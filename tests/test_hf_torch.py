@@ -4,7 +4,6 @@ and sequences long enough for RoPE mistakes to show; imported on one device and 
 FSDP x tensor mesh of 8; exported and reloaded by transformers; greedy decoding token for
 token against `generate`."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import torch
 import transformers
 
 from lm import hf, runs, sample, sharding
+from tests.conftest import command_env
 from tests.fixtures.make_hf_fixtures import randomise
 from tests.test_hf import FIXTURES
 from tests.test_train import ROOT, read_metrics
@@ -98,8 +98,7 @@ def test_import_export_and_greedy_decoding_match_transformers(tmp_path, family, 
 
 
 def _command(module: str, *args: str, cwd) -> str:
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}   # one device, as users
-  env['PYTHONPATH'] = str(ROOT)
+  env = command_env(PYTHONPATH=str(ROOT))
   result = subprocess.run([sys.executable, '-m', module, *args], capture_output=True,
                           text=True, env=env, cwd=cwd)
   assert result.returncode == 0, result.stderr[-3000:]

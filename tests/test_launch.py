@@ -15,6 +15,7 @@ from etils import epath
 from launch import queue as queue_lib
 from launch import sweep as sweep_lib
 from launch import tpu
+from tests.conftest import command_env
 from tests.test_train import ROOT
 
 EXPERIMENT = '''
@@ -36,7 +37,7 @@ def get_sweep():
 
 
 def sweep(*args, check=True):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}   # one CPU device per run
+  env = command_env()   # one CPU device per run
   result = subprocess.run([sys.executable, '-m', 'launch.sweep', *args], capture_output=True,
                           text=True, cwd=ROOT, env=env)
   if check:
@@ -106,7 +107,7 @@ def get_sweep():
 
 
 def _sweep_process(experiment, sweep_dir):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = command_env()
   return subprocess.Popen([sys.executable, '-m', 'launch.sweep', '--config', str(experiment),
                            '--sweep_dir', str(sweep_dir), '--heartbeat_s=0.5', '--poll_s=0.2'],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -2,7 +2,6 @@
 each kernel, full rank reproduces the model, the energy rule picks the smallest rank, and a
 factored run fine-tunes from init_from."""
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ from lm import config as config_lib
 from lm import lowrank, runs
 from lm.config import ConfigError
 from lm.data import tokenizers
-from tests.conftest import build_program, random_batch, tiny_config
+from tests.conftest import build_program, command_env, random_batch, tiny_config
 from tests.test_train import ROOT, run_main
 
 
@@ -91,7 +90,7 @@ def test_bad_requests_are_refused(tmp_path):
 def test_lowrank_command_then_fine_tune_from_it(char_run, tmp_path, tfds_dir):
   flags = ('--config.train.eval_batches=4', '--config.sample.num_tokens=0',
            f'--config.data.dir={tfds_dir}')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = command_env()
   command = [sys.executable, '-m', 'lm.lowrank', '--workdir', str(char_run)]
   done = subprocess.run([*command, '--rank', '8', '--out', str(tmp_path / 'r8')],
                         capture_output=True, text=True, env=env, cwd=ROOT)

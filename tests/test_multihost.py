@@ -1,5 +1,4 @@
 """Two local processes acting as hosts train exactly like one process with the same batch."""
-import os
 import subprocess
 import sys
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 
 from launch import local
+from tests.conftest import command_env
 from tests.test_train import ROOT, SMALL, load_params, read_metrics, run_main
 
 FLAGS = [*SMALL, '--config.train.steps=30', '--config.train.checkpoint_every=10',
@@ -18,7 +18,8 @@ def run_hosts(workdir, *flags, hosts=2):
   result = subprocess.run([sys.executable, '-m', 'launch.local', f'--hosts={hosts}',
                            '--workdir', str(workdir), '--config',
                            'experiments/shakespeare_char.py', *flags],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, env=command_env(),
+                          timeout=600)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   return result
 
@@ -96,8 +97,7 @@ def test_failure_on_process_0_while_preparing_data_ends_every_process(tmp_path, 
   commands = local.host_commands(2, local._free_port(), str(tmp_path / 'run'), [
       '--config', 'experiments/shakespeare_char.py', f'--config.data.source=text:{corpus}',
       f'--config.data.dir={tfds_dir}'])
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = command_env(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
   procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for c in commands]
   try:
@@ -120,3 +120,21 @@ def test_host_commands_and_bad_arguments(tmp_path):
   with pytest.raises(SystemExit):
     sys.argv = ['launch.local', '--hosts', '0', '--workdir', str(tmp_path)]
     local.main()
+
+
+def test_hosts_get_the_callers_xla_flags_then_their_device_count(tmp_path, monkeypatch):
+  """A device count already in XLA_FLAGS is overridden: XLA takes the last of a repeated flag."""
+  started = []
+
+  class Finished:
+    def __init__(self, command, env, **_):
+      started.append(env['XLA_FLAGS'])
+
+    def poll(self):
+      return 0
+
+  monkeypatch.setattr(local.subprocess, 'Popen', Finished)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=8')
+  assert local.run(2, 3, str(tmp_path), []) == 0
+  assert started == ['--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=8 '
+                     '--xla_force_host_platform_device_count=3'] * 2

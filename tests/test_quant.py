@@ -2,7 +2,6 @@
 error within half a quantization step, 4-bit packing, the quantized model against the float
 model with the dequantized kernels (one device and sharded), and the command end to end."""
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 from lm import evaluate, quant, quantize, runs
-from tests.conftest import build_program, random_batch, tiny_config
+from tests.conftest import build_program, command_env, random_batch, tiny_config
 from tests.test_train import ROOT
 
 # NF4's 16 levels (Dettmers et al. 2023, appendix E), written out here independently of qwix
@@ -148,7 +147,7 @@ def test_quantize_command_evaluates_samples_and_refuses_bad_input(char_run, tmp_
     assert summary['disk_bytes'] < summary['bytes_before']
   run = runs.load(str(tmp_path / 'nf4'), 'run')
   assert quant.kernels(run.variables['params'])   # read back quantized
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = command_env()
   sampled = subprocess.run([sys.executable, '-m', 'lm.sample', '--workdir', str(tmp_path / 'nf4'),
                             '--prompt', 'ROMEO:', '--max_new_tokens', '20', '--greedy'],
                            capture_output=True, text=True, env=env, cwd=ROOT)

@@ -13,7 +13,7 @@ import pytest
 from etils import epath
 
 from lm import train
-from tests.conftest import CHAR_RUN_FLAGS
+from tests.conftest import CHAR_RUN_FLAGS, command_env
 
 ROOT = epath.Path(__file__).parent.parent
 SMALL = ['--config.model.n_layers=2', '--config.model.d_model=64', '--config.train.steps=60',
@@ -46,12 +46,14 @@ EXPERIMENT = 'experiments/shakespeare_char.py'
 
 
 def run_main(workdir, *flags, config=EXPERIMENT, kill_at=None,
-             check=True, devices: int | None = 1):
+             check=True, devices: int | None = 1, optimized: bool = False):
   """Runs the main command in a fresh process on `devices` CPU devices (None: as many as the
-  experiment's config.mesh.cpu_devices asks for, as a user's command line gets)."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  experiment's config.mesh.cpu_devices asks for, as a user's command line gets); compiled
+  with LLVM's optimizations only if `optimized` (conftest.command_env)."""
+  env = command_env(optimized)
   if devices is not None:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env['XLA_FLAGS'] = ' '.join(filter(None, (
+        env.get('XLA_FLAGS'), f'--xla_force_host_platform_device_count={devices}')))
   prefix = ['-c', KILLED_MAIN, str(kill_at), '30'] if kill_at else ['-m', 'lm.main']
   result = subprocess.run([sys.executable, *prefix, '--config', config, '--workdir',
                            str(workdir), *flags], capture_output=True, text=True, env=env,
@@ -250,7 +252,7 @@ def test_shakespeare_char_reaches_nanogpt_validation_loss(tmp_path, tfds_dir):
   """The full recipe of experiments/shakespeare_char.py (nanoGPT: 1.886 on this machine), as
   the README's main command runs it: on two CPU devices (config.mesh.cpu_devices)."""
   result = run_main(tmp_path / 'sc', f'--config.data.dir={tfds_dir}',
-                    '--config.sample.num_tokens=0', devices=None)
+                    '--config.sample.num_tokens=0', devices=None, optimized=True)
   assert "mesh {'data': 2," in result.stdout
   val = [m['val_loss'] for m in read_metrics(tmp_path / 'sc') if 'val_loss' in m]
   assert len(val) == 8 and val[-1] <= 1.89, (val, result.stdout[-500:])
