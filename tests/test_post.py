@@ -177,7 +177,9 @@ def test_dpo_is_log_2_at_the_reference_and_matches_numpy():
   expected_grad = jax.tree.map(lambda g: np.tensordot(d_loss_d_logp.reshape(-1),
                                                       np.asarray(g, np.float64), 1), row_grads)
   grad = jax.jit(jax.grad(mean_loss))(policy)
-  assert_trees_close(grad, expected_grad, rtol=2e-4, atol=1e-6)
+  # float32 backpropagation against float32 per-row gradients combined in float64: entries
+  # near zero differ by up to 1.5e-6 (XLA:CPU's older fusion emitters, tests/conftest.py)
+  assert_trees_close(grad, expected_grad, rtol=2e-4, atol=3e-6)
 
 
 # --- RL ------------------------------------------------------------------------------------
