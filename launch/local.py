@@ -27,11 +27,17 @@ def host_commands(hosts: int, port: int, workdir: str, passed: list[str]) -> lis
            *passed] for i in range(hosts)]
 
 
+def xla_flags_with_cpu_devices(devices: int, *flags: str | None) -> str:
+  """XLA_FLAGS made of `flags` (empty ones left out) and a CPU device count, appended last:
+  XLA takes the last of a repeated flag, so it replaces a count already in `flags`."""
+  return ' '.join(filter(None, (*flags, f'--xla_force_host_platform_device_count={devices}')))
+
+
 def run(hosts: int, devices_per_host: int, workdir: str, passed: list[str]) -> int:
   """Starts the hosts and waits for them; returns the run's exit code."""
-  # the caller's XLA flags reach the hosts; a device count there is overridden (the last wins)
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(filter(None, (
-      os.environ.get('XLA_FLAGS'), f'--xla_force_host_platform_device_count={devices_per_host}')))}
+  # the caller's XLA flags reach the hosts, with their own device count
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': xla_flags_with_cpu_devices(devices_per_host, os.environ.get('XLA_FLAGS'))}
   logs = os.path.join(workdir, 'logs')
   os.makedirs(logs, exist_ok=True)
   procs = []

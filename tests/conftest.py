@@ -2,12 +2,15 @@
 import os
 import tempfile
 
+# launch.local imports the standard library only: JAX is not imported yet
+from launch.local import xla_flags_with_cpu_devices
+
 # XLA:CPU's older fusion emitters compile in half the time of the default ones, and tests run
 # each program a few times (test_model, test_pipeline, test_sharding: 173 s on 2 cores against
 # 397; test_scaling, the one module whose programs run long, 61 s against 44)
 CHEAP_XLA_FLAGS = '--xla_cpu_use_fusion_emitters=false'
-os.environ['XLA_FLAGS'] = ' '.join(filter(None, (
-    os.environ.get('XLA_FLAGS'), CHEAP_XLA_FLAGS, '--xla_force_host_platform_device_count=8')))
+os.environ['XLA_FLAGS'] = xla_flags_with_cpu_devices(8, os.environ.get('XLA_FLAGS'),
+                                                     CHEAP_XLA_FLAGS)
 os.environ['JAX_PLATFORMS'] = 'cpu'
 # JAX's persistent compilation cache, shared by the test processes (xdist workers and the
 # commands tests run): many compile the same programs. Entries are keyed by the program,

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
+from launch.local import xla_flags_with_cpu_devices
 from lm import train
 from tests.conftest import CHAR_RUN_FLAGS, command_env
 
@@ -52,8 +53,7 @@ def run_main(workdir, *flags, config=EXPERIMENT, kill_at=None,
   with LLVM's optimizations only if `optimized` (conftest.command_env)."""
   env = command_env(optimized)
   if devices is not None:
-    env['XLA_FLAGS'] = ' '.join(filter(None, (
-        env.get('XLA_FLAGS'), f'--xla_force_host_platform_device_count={devices}')))
+    env['XLA_FLAGS'] = xla_flags_with_cpu_devices(devices, env.get('XLA_FLAGS'))
   prefix = ['-c', KILLED_MAIN, str(kill_at), '30'] if kill_at else ['-m', 'lm.main']
   result = subprocess.run([sys.executable, *prefix, '--config', config, '--workdir',
                            str(workdir), *flags], capture_output=True, text=True, env=env,
@@ -279,7 +279,7 @@ def test_split_cpu_only_where_the_device_count_is_not_set():
       [sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=ROOT,
       check=True).stdout.split()
   assert devices_and_threads() == ['2', str(len(os.sched_getaffinity(0)) + 2)]
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=3'   # as launch.local sets it
+  env['XLA_FLAGS'] = xla_flags_with_cpu_devices(3)   # as launch.local sets it
   assert devices_and_threads() == ['3', 'None']
 
 
