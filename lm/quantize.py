@@ -42,7 +42,7 @@ def quantize_run(workdir: str, scheme: str, group_size: int | None, out: str) ->
   return {'scheme': scheme, 'group_size': config.quant.group_size, 'out': str(step_dir),
           'kernels': len(kernels), 'kernel_params': kernel_params,
           'kernel_bytes_bfloat16': 2 * kernel_params,
-          'kernel_bytes_quantized': quant.stored_bytes(quant.to_stored(kernels)),
+          'kernel_bytes_quantized': quant.stored_bytes(jax.eval_shape(quant.to_stored, kernels)),
           'bytes_before': quant.stored_bytes(params), 'bytes_after': quant.stored_bytes(stored),
           'disk_bytes': sum(f.stat().st_size for f in pathlib.Path(step_dir).rglob('*')
                             if f.is_file())}

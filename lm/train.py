@@ -215,7 +215,8 @@ def _trainable_summary(program: steps.Program, state) -> str:
          f'({100 * trained / (trained + frozen):.2f}%), optimizer state {opt_bytes:,} bytes')
   kernels = quant.kernels(program.frozen.get('base', {}))
   if kernels:
-    stored, bf16 = quant.stored_bytes(quant.to_stored(kernels)), 2 * quant.param_count(kernels)
+    stored = quant.stored_bytes(jax.eval_shape(quant.to_stored, kernels))
+    bf16 = 2 * quant.param_count(kernels)
     out += (f', quantized base kernels {stored:,} bytes stored ({100 * stored / bf16:.1f}% of '
             f'their {bf16:,} bfloat16 bytes)')
   return out

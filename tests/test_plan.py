@@ -17,6 +17,26 @@ from tests.conftest import tiny_config
 V5E_4 = tpus.parse('v5e:2x2')
 
 
+@pytest.fixture(scope='module', autouse=True)
+def each_program_compiled_once():
+  """libtpu takes 10-20 s a program on this CPU: plans that compile the same one (the same
+  resolved config on as many chips of one kind, with the same options) in one test process
+  share it."""
+  compile_train_step, compiled = plan.compile_train_step, {}
+
+  def once(program, config, compiler_options=None):
+    devices = program.mesh.devices
+    key = (config.to_json_best_effort(), devices.shape, devices.flat[0].device_kind,
+           repr(compiler_options))
+    if key not in compiled:
+      compiled[key] = compile_train_step(program, config, compiler_options)
+    return compiled[key]
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(plan, 'compile_train_step', once)
+    yield
+
+
 def _config(mesh=(1, 4, 1, 1), batch=8, seq_len=128, **model):
   """A model large enough that parameters, not constants, dominate the memory figures."""
   config = tiny_config(**{**dict(d_model=256, n_heads=4, n_kv_heads=4, d_ff=1024,
