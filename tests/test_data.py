@@ -147,10 +147,11 @@ def test_evaluation_windows_come_from_their_own_split(tfds_dir):
         assert window in texts[split]
 
 
-def test_window_split_is_tokenized_once_into_a_memory_mapped_file(tfds_dir):
-  c = _data_config(tfds_dir)
+def test_window_split_is_tokenized_once_into_a_memory_mapped_file(tmp_path):
+  # a directory of its own: the shared one holds other tokenizers' files of the same split
+  c = _data_config(str(tmp_path))
   pipeline.make_data(c, None)
-  files = sorted((epath.Path(tfds_dir) / 'tokens').glob('tinyshakespeare-*-validation-*.bin'))
+  files = sorted((epath.Path(tmp_path) / 'tokens').glob('tinyshakespeare-*-validation-*.bin'))
   assert len(files) == 1
   tokens = np.memmap(files[0], np.uint16, mode='r')
   validation = ''.join(sources.documents(c.data).splits['validation'])
