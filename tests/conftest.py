@@ -74,8 +74,27 @@ def command_env(optimized: bool = False, **extra: str) -> dict[str, str]:
 SHARED_FIXTURES = ('char_run', 'chain', 'parametric', 'fsdp_plan', 'small_run')
 
 
+# Tests of a minute or more on 2 cores that share no fixture. xdist hands out the groups
+# first (the largest first), then single tests in collection order: these go first among
+# those, longest first, so that no worker is left running one at the end while the other
+# idles (in order of collection, the CPU recipe ran last in one CI run, alone for minutes)
+LONG_TESTS = ('test_shakespeare_char_reaches_nanogpt_validation_loss',
+              'test_llama_experiment_with_sentencepiece_end_to_end',
+              'test_two_hosts_match_one_and_resume',
+              'test_planned_flops_agree_with_the_model_count',
+              'test_the_cost_of_all_layers_is_extrapolated_from_twins_of_one_and_two',
+              'test_readme_flow_import_sample_lora_sft_export_generate',
+              'test_save_attention_remat_runs_neither_projections_nor_forward_kernel_again',
+              'test_full_remat_needs_fewer_temporary_bytes_than_none',
+              'test_pack_evaluation_and_sample_on_fsdp_hosts_match_one_process',
+              'test_killed_run_resumes_bitwise',
+              'test_tensor_axis_across_hosts_matches_one_process')
+
+
 @pytest.hookimpl(tryfirst=True)   # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
+  position = {name: i for i, name in enumerate(LONG_TESTS)}   # the rest after, in order
+  items.sort(key=lambda item: position.get(item.originalname, len(LONG_TESTS)))
   for item in items:
     for name in SHARED_FIXTURES:
       if name in item.fixturenames:
