@@ -34,9 +34,9 @@ def quantize_run(workdir: str, scheme: str, group_size: int | None, out: str) ->
   mesh = sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1])
   program = steps.build(config, mesh)
   quantized = quant.quantize_like(params, program.abstract_state.params)
-  step_dir = runs.write(epath.Path(out), config, jax.device_get(quant.to_stored(quantized)),
-                        run.tokenizer, int(run.step_dir.name))
   stored = quant.to_stored(quantized)
+  step_dir = runs.write(epath.Path(out), config, jax.device_get(stored), run.tokenizer,
+                        int(run.step_dir.name))
   kernels = quant.kernels(quantized)
   kernel_params = quant.param_count(kernels)
   return {'scheme': scheme, 'group_size': config.quant.group_size, 'out': str(step_dir),
