@@ -100,7 +100,7 @@ def test_lora_sft_comes_close_to_full_sft_with_few_parameters(chain, held_out):
 
 
 def test_qlora_sft_on_an_nf4_base_comes_close_to_lora_sft(chain, held_out):
-  """Adapters (rank 8 where LoRA-SFT's are 4) trained on the base stored in NF4 (read back
+  """Adapters (rank 16 where LoRA-SFT's are 4) trained on the base stored in NF4 (read back
   from frozen/ when evaluated): the quantized base kernels take under 30% of their bfloat16
   bytes."""
   runs, _ = chain
