@@ -265,13 +265,20 @@ def read_prompts(path: str) -> list[str]:
   return prompts
 
 
+@functools.lru_cache(maxsize=8)
+def _one_device_sampler(model_config: model_lib.ModelConfig, vocab_size: int) -> Sampler:
+  """Runs of one shape, completed one after another in a process (the post-training chain's
+  stages, evaluated), share one sampler and so its compiled programs."""
+  return Sampler(model_config, sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1]), (),
+                 vocab_size)
+
+
 def complete(run, prompts: list[str], settings: Settings, rng: jax.Array,
              stop: tuple[str, ...] = (), batch_size: int = 64) -> list[str]:
   """Completions of text prompts by a loaded run (`lm.runs.load`), a batch at a time; a
   single prompt may run past the model's context (see `Sampler.extend`)."""
   from lm.config import ConfigError
-  mesh = sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1])
-  sampler = Sampler(run.model_config, mesh, (), run.tokenizer.vocab_size)
+  sampler = _one_device_sampler(run.model_config, run.tokenizer.vocab_size)
   try:
     ids = [run.tokenizer.encode(p) for p in prompts]
   except ValueError as e:
