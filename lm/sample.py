@@ -158,16 +158,21 @@ class Sampler:
   def extend(self, variables: dict, prompt: np.ndarray, rng: jax.Array,
              settings: Settings) -> np.ndarray:
     """Up to settings.max_new_tokens tokens after one prompt, even past the model's context:
-    when the cache is full, decoding restarts from the last half of the context."""
+    when the cache is full, decoding restarts from the last half of the context. Every restart
+    decodes the same number of tokens (the last one keeps what is asked), so all of them run
+    one compiled program (the CPU recipe's 200-token sample: 2 programs compiled, not 3)."""
     max_len, ids, produced = self.model_config.max_len, list(prompt), []
     while len(produced) < settings.max_new_tokens:
       context = ids[-max(1, max_len // 2):] if produced else ids[-max(1, max_len - 1):]
-      n = min(settings.max_new_tokens - len(produced), max_len - max(1, len(context)))
+      wanted = settings.max_new_tokens - len(produced)
+      room = max_len - max(1, len(context))
+      n = room if produced else min(wanted, room)
       _, new, lengths = self(variables, [np.asarray(context, np.int32)],
                              jax.random.fold_in(rng, len(produced)),
                              dataclasses.replace(settings, max_new_tokens=n))
-      produced += new[0, :lengths[0]].tolist()
-      ids += new[0, :lengths[0]].tolist()
+      kept = new[0, :min(lengths[0], wanted)].tolist()
+      produced += kept
+      ids += kept
       if lengths[0] < n:   # EOS
         break
     return np.asarray(produced, np.int32)

@@ -155,6 +155,16 @@ def _split(config, variables: dict) -> tuple[Any, dict]:
   return (variables['lora'] if lora else variables['params']), frozen
 
 
+def run_once_options(mesh: jax.sharding.Mesh) -> dict | None:
+  """Compiler options of programs that run once (init). On XLA:CPU, LLVM at -O1 compiles
+  them in half the time of its default -O3 (the CPU recipe's init: 2.4 against 4.8 s) and
+  gives the same bits, where -O0 would move 4% of the initial weights by an ulp; left alone
+  when JAX's cheap compiles (jax_disable_most_optimizations) are on."""
+  if mesh.devices.flat[0].platform != 'cpu' or jax.config.read('jax_disable_most_optimizations'):
+    return None
+  return {'xla_backend_optimization_level': 1}
+
+
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
           state_layout: Layout | None = None) -> Program:
   """The jitted init / train / eval functions for a resolved, validated config. `state_layout`
@@ -215,14 +225,16 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                               accum_steps=config.train.grad_accum_steps)
   step_state = state_sharding if state_layout is None else jax.tree.map(
       lambda s: Format(state_layout, s), state_sharding)
+  once = run_once_options(mesh)
   return Program(
       model=model, model_config=model_config, reference=reference, objective=objective, tx=tx,
       schedule=schedule, mesh=mesh, rules=rules, state_sharding=state_sharding,
       batch_sharding=batch_sharding, abstract_state=abstract_state,
       abstract_frozen=with_shardings(nn.unbox(boxed_frozen), frozen_sharding),
-      init=sharding.with_mesh(jax.jit(init, out_shardings=state_sharding), mesh, rules),
-      init_frozen=sharding.with_mesh(jax.jit(init_frozen, out_shardings=frozen_sharding),
-                                     mesh, rules),
+      init=sharding.with_mesh(jax.jit(init, out_shardings=state_sharding,
+                                      compiler_options=once), mesh, rules),
+      init_frozen=sharding.with_mesh(jax.jit(init_frozen, out_shardings=frozen_sharding,
+                                             compiler_options=once), mesh, rules),
       jitted_train_step=sharding.with_mesh(jax.jit(
           step_fn, in_shardings=(step_state, batch_sharding, frozen_sharding),
           out_shardings=(step_state, replicated), donate_argnums=0), mesh, rules),

@@ -11,7 +11,7 @@ import pytest
 
 from lm import config as config_lib
 from lm import model as model_lib
-from lm import sample
+from lm import sample, sharding
 from tests.conftest import build_program, tiny_config
 
 PROBS = np.array([0.05, 0.5, 0.15, 0.3], np.float32)
@@ -160,3 +160,28 @@ def test_sharded_sampling_equals_one_device():
     sampler = sample.Sampler(program.model_config, program.mesh, program.rules, 64)
     out[shape] = sampler(program.variables(params), PROMPTS, jax.random.PRNGKey(1), settings)[1]
   np.testing.assert_array_equal(out[(1, 1, 1, 1)], out[(1, 4, 2, 1)])
+
+
+def test_extend_runs_past_the_context_and_its_restarts_share_one_program():
+  """One prompt continued for about 3 contexts: when the cache is full, decoding restarts from
+  the last half of the context; the tokens are those of sampler calls of exactly the sizes
+  needed, although every restart runs the same program (the last one cut); EOS stops it."""
+  cfg, _, variables = _model_and_variables('llama')
+  sampler = sample.Sampler(cfg, sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1]), (), 64)
+  settings, rng, prompt = sample.Settings(max_new_tokens=45), jax.random.PRNGKey(2), PROMPTS[1]
+  half = cfg.max_len // 2
+  new = sampler.extend(variables, prompt, rng, settings)
+  # the first call fills the cache after the 9-token prompt, then restarts of `half` tokens:
+  # 7 + 8 + 8 + 8 + 8 + 6 tokens, from 2 programs
+  assert cfg.max_len == 16 and len(sampler._jitted) == 2
+  ids, expected = list(prompt), []
+  while len(expected) < 45:
+    context = ids[-half:] if expected else ids
+    n = min(45 - len(expected), cfg.max_len - len(context))
+    tokens = sampler(variables, [np.asarray(context)], jax.random.fold_in(rng, len(expected)),
+                     dataclasses.replace(settings, max_new_tokens=n))[1][0].tolist()
+    expected, ids = expected + tokens, ids + tokens
+  np.testing.assert_array_equal(new, expected)
+  eos = expected[40]
+  stopped = sampler.extend(variables, prompt, rng, dataclasses.replace(settings, eos_id=eos))
+  np.testing.assert_array_equal(stopped, expected[:expected.index(eos) + 1])

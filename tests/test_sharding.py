@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from lm import steps
 from tests.conftest import build_program, flat, loss_and_grads, random_batch, tiny_config
 
 LLAMA = dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
@@ -106,3 +107,23 @@ def test_parameters_and_moments_are_sharded_by_their_logical_axes(shape):
 def _spec(x):
   spec = tuple(x.sharding.spec)
   return P(*(spec + (None,) * (x.ndim - len(spec))))
+
+
+@pytest.mark.parametrize('style', ['gpt', 'llama'])
+def test_init_compiled_at_llvm_o1_equals_the_default_compile_bit_for_bit(style, monkeypatch):
+  """On CPU a run's init (parameters and optimizer state, sharded) compiles at LLVM -O1, which
+  is faster (steps.run_once_options): it must give the bits of the default -O3 compile."""
+  jax.config.update('jax_disable_most_optimizations', False)   # as a run compiles
+  config = tiny_config(**STYLES[style], d_model=64, d_ff=256)
+  jit, options = jax.jit, {}
+  monkeypatch.setattr(jax, 'jit', lambda fun, **kw: (
+      options.setdefault(getattr(fun, '__name__', ''), kw.get('compiler_options')),
+      jit(fun, **kw))[1])
+  program = build_program(config, (2, 2, 2, 1))
+  assert options['init'] == options['init_frozen'] == {'xla_backend_optimization_level': 1}
+  monkeypatch.setattr(steps, 'run_once_options', lambda mesh: None)
+  default = build_program(config, (2, 2, 2, 1))
+  for seed in (0, 1337):
+    fast, slow = program.init(jax.random.PRNGKey(seed)), default.init(jax.random.PRNGKey(seed))
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
