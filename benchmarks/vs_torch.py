@@ -1,0 +1,110 @@
+"""lm against the PyTorch reference on nanoGPT's CPU recipe, side by side: prints one JSON
+line per pair of runs and a last one with the medians.
+
+    python benchmarks/vs_torch.py [--pairs 3] [--steps N] [--whole]
+        [--reference ../shared/bench/torch_reference.py] [--config experiments/X.py]
+        [--lm_flag=--config.a.b=v ...]
+
+The two run in turn (lm, reference, lm, reference, ...) so that each pair sees the same
+window of a noisy machine; only pairs compare. Both train on the corpus shipped in the
+package. Steady step (the default, N = 300): `benchmarks/throughput.py --steps N` against
+the reference's `--iters 2N` (its median skips the first tenth). `--whole` (N = 2000, the
+recipe): the main command against the reference's whole script, each a fresh process timed
+from start to exit; lm with an empty compilation cache, as a first run pays, and its steps
+from metrics.jsonl. Needs torch (the `test` extra).
+
+Keys per pair: lm_ms, torch_ms and step_ratio (lm / torch); with --whole also lm_s, torch_s,
+wall_ratio, each side's val_loss, and lm_fixed_s / torch_fixed_s: the wall-clock beyond N
+steps at the median step (lm: imports, compiles, evaluations, checkpoints, the sample).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+from etils import epath
+
+ROOT = epath.Path(__file__).parent.parent
+CORPUS = ROOT / 'lm' / 'data' / 'tinyshakespeare.txt'
+_PAIRS = flags.DEFINE_integer('pairs', 3, 'Pairs of runs, lm then the reference in each.')
+_STEPS = flags.DEFINE_integer('steps', None, 'Steps of each run (default: 300; --whole 2000).')
+_WHOLE = flags.DEFINE_bool('whole', False, 'Time the whole commands, not the steady step.')
+_REFERENCE = flags.DEFINE_string('reference', str(ROOT.parent / 'shared' / 'bench' /
+                                                  'torch_reference.py'),
+                                 'The PyTorch reference script.')
+_CONFIG = flags.DEFINE_string('config', 'experiments/shakespeare_char.py',
+                              "lm's experiment (the recipe the reference trains).")
+_LM_FLAGS = flags.DEFINE_multi_string('lm_flag', [], "Flags of lm's commands (repeatable), "
+                                      'e.g. --lm_flag=--config.mesh.cpu_devices=1.')
+
+
+def _last_json(stdout: str, what: str) -> dict:
+  lines = [line for line in stdout.splitlines() if line.startswith('{')]
+  if not lines:
+    raise RuntimeError(f'{what} printed no JSON line:\n{stdout[-2000:]}')
+  return json.loads(lines[-1])
+
+
+def _run(command: list[str], what: str, env=None) -> tuple[str, float]:
+  """(stdout, wall seconds) of a command run from the repository root."""
+  start = time.perf_counter()
+  result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+  wall = time.perf_counter() - start
+  if result.returncode:
+    raise RuntimeError(f'{what} failed (exit {result.returncode}):\n{result.stderr[-3000:]}')
+  return result.stdout, wall
+
+
+def _reference(steps: int) -> tuple[dict, float]:
+  stdout, wall = _run([sys.executable, _REFERENCE.value, '--data', str(CORPUS), '--iters',
+                       str(steps)], 'the reference')
+  return _last_json(stdout, 'the reference'), wall
+
+
+def _pair(steps: int) -> dict:
+  if not _WHOLE.value:
+    lm = _last_json(_run([sys.executable, 'benchmarks/throughput.py', '--config', _CONFIG.value,
+                          '--steps', str(steps), *_LM_FLAGS.value], 'benchmarks/throughput.py')[0],
+                    'benchmarks/throughput.py')
+    torch = _reference(2 * steps)[0]
+    return {'lm_ms': lm['step_ms'], 'torch_ms': torch['ms_per_iter'],
+            'step_ratio': round(lm['step_ms'] / torch['ms_per_iter'], 3)}
+  with tempfile.TemporaryDirectory() as workdir:
+    _, lm_s = _run([sys.executable, '-m', 'lm.main', '--config', _CONFIG.value, '--workdir',
+                    workdir, f'--config.train.steps={steps}', *_LM_FLAGS.value],
+                   'python -m lm.main', env={**os.environ, 'JAX_COMPILATION_CACHE_DIR': ''})
+    run = epath.Path(workdir)
+    lm_ms = round(float(np.median([row['step_ms'] for row in map(
+        json.loads, (run / 'metrics.jsonl').read_text().splitlines()) if 'step_ms' in row])), 2)
+    lm_loss = json.loads((run / 'final.json').read_text())['val_loss']
+  torch, torch_s = _reference(steps)
+  return {'lm_ms': lm_ms, 'torch_ms': torch['ms_per_iter'],
+          'step_ratio': round(lm_ms / torch['ms_per_iter'], 3),
+          'lm_s': round(lm_s, 2), 'torch_s': round(torch_s, 2),
+          'wall_ratio': round(lm_s / torch_s, 3),
+          'lm_fixed_s': round(lm_s - steps * lm_ms / 1e3, 2),
+          'torch_fixed_s': round(torch_s - steps * torch['ms_per_iter'] / 1e3, 2),
+          'lm_val_loss': round(lm_loss, 4), 'torch_val_loss': torch['val_loss']}
+
+
+def main(argv) -> None:
+  del argv
+  if not os.path.exists(_REFERENCE.value):
+    print(f'error: --reference: no such file: {_REFERENCE.value}', file=sys.stderr)
+    sys.exit(2)
+  steps = _STEPS.value or (2000 if _WHOLE.value else 300)
+  pairs = []
+  for i in range(_PAIRS.value):
+    pairs.append(_pair(steps))
+    print(json.dumps({'pair': i + 1, 'steps': steps, **pairs[-1]}), flush=True)
+  print(json.dumps({'median': True, 'pairs': len(pairs), 'steps': steps,
+                    **{k: round(float(np.median([p[k] for p in pairs])), 3)
+                       for k in pairs[0] if not k.endswith('val_loss')}}))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,58 @@
+"""The benchmarks' plumbing: what they run and how they derive their keys (never a timing)."""
+import json
+import math
+import subprocess
+import sys
+
+from etils import epath
+
+from tests.conftest import command_env
+
+ROOT = epath.Path(__file__).parent.parent
+
+
+def _lines(result) -> list[dict]:
+  assert result.returncode == 0, result.stderr[-3000:]
+  return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_vs_torch_runs_both_sides_and_derives_ratios_and_fixed_costs(tmp_path, tfds_dir):
+  """A stand-in reference records its arguments, sleeps 0.5 s and reports 5 ms per iteration:
+  lm's side is real (the smoke recipe), and the pair's ratios and fixed costs follow from both
+  sides."""
+  reference = tmp_path / 'reference.py'
+  reference.write_text(
+      'import json, sys, time\n'
+      f'open({str(tmp_path / "argv")!r}, "a").write(" ".join(sys.argv[1:]) + "\\n")\n'
+      'time.sleep(0.5)\n'
+      'print(json.dumps({"ms_per_iter": 5.0, "val_loss": 2.5}))\n')
+  command = [sys.executable, 'benchmarks/vs_torch.py', '--reference', str(reference),
+             '--pairs', '1', '--config', 'experiments/shakespeare_char.py:smoke',
+             f'--lm_flag=--config.data.dir={tfds_dir}']
+  run = lambda *flags: subprocess.run([*command, *flags], capture_output=True, text=True,
+                                      cwd=ROOT, env=command_env())
+
+  pair, median = _lines(run('--steps', '5'))
+  assert pair['pair'] == 1 and pair['steps'] == 5 and pair['torch_ms'] == 5.0
+  assert pair['lm_ms'] > 0 and pair['step_ratio'] == round(pair['lm_ms'] / 5.0, 3)
+  assert median == {'median': True, 'pairs': 1, **{k: v for k, v in pair.items()
+                                                    if k != 'pair'}}
+
+  pair, median = _lines(run('--steps', '12', '--whole'))
+  assert pair['torch_ms'] == 5.0 and pair['torch_val_loss'] == 2.5
+  assert pair['step_ratio'] == round(pair['lm_ms'] / 5.0, 3)
+  assert pair['torch_s'] >= 0.5   # the stand-in's sleep, timed from the outside
+  assert math.isclose(pair['wall_ratio'], pair['lm_s'] / pair['torch_s'], rel_tol=0.01)
+  assert abs(pair['lm_fixed_s'] - (pair['lm_s'] - 12 * pair['lm_ms'] / 1e3)) <= 0.01
+  assert abs(pair['torch_fixed_s'] - (pair['torch_s'] - 12 * 5.0 / 1e3)) <= 0.01
+  assert 0 < pair['lm_val_loss'] < math.log(65)   # trained 12 steps: below uniform guessing
+  assert 'lm_val_loss' not in median and median['lm_s'] == pair['lm_s']
+
+  corpus = ROOT / 'lm' / 'data' / 'tinyshakespeare.txt'
+  assert (tmp_path / 'argv').read_text().splitlines() == [
+      f'--data {corpus} --iters 10', f'--data {corpus} --iters 12']
+
+  missing = run('--reference', str(tmp_path / 'none.py'))
+  assert missing.returncode == 2
+  assert missing.stderr.strip().splitlines() == [
+      f'error: --reference: no such file: {tmp_path / "none.py"}']
