@@ -50,9 +50,9 @@ def _last_json(stdout: str, what: str) -> dict:
 
 
 def _run(command: list[str], what: str, env=None) -> tuple[str, float]:
-  """(stdout, wall seconds) of a command run from the repository root."""
+  """(stdout, wall seconds) of a command, run where this one runs (paths in flags hold)."""
   start = time.perf_counter()
-  result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+  result = subprocess.run(command, capture_output=True, text=True, env=env)
   wall = time.perf_counter() - start
   if result.returncode:
     raise RuntimeError(f'{what} failed (exit {result.returncode}):\n{result.stderr[-3000:]}')
@@ -67,9 +67,9 @@ def _reference(steps: int) -> tuple[dict, float]:
 
 def _pair(steps: int) -> dict:
   if not _WHOLE.value:
-    lm = _last_json(_run([sys.executable, 'benchmarks/throughput.py', '--config', _CONFIG.value,
-                          '--steps', str(steps), *_LM_FLAGS.value], 'benchmarks/throughput.py')[0],
-                    'benchmarks/throughput.py')
+    lm = _last_json(_run([sys.executable, str(ROOT / 'benchmarks' / 'throughput.py'), '--config',
+                          _CONFIG.value, '--steps', str(steps), *_LM_FLAGS.value],
+                         'benchmarks/throughput.py')[0], 'benchmarks/throughput.py')
     torch = _reference(2 * steps)[0]
     return {'lm_ms': lm['step_ms'], 'torch_ms': torch['ms_per_iter'],
             'step_ratio': round(lm['step_ms'] / torch['ms_per_iter'], 3)}
