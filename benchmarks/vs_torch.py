@@ -28,8 +28,10 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
+from lm import compare
+from lm.data import sources
+
 ROOT = epath.Path(__file__).parent.parent
-CORPUS = ROOT / 'lm' / 'data' / 'tinyshakespeare.txt'
 _PAIRS = flags.DEFINE_integer('pairs', 3, 'Pairs of runs, lm then the reference in each.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Steps of each run (default: 300; --whole 2000).')
 _WHOLE = flags.DEFINE_bool('whole', False, 'Time the whole commands, not the steady step.')
@@ -60,8 +62,8 @@ def _run(command: list[str], what: str, env=None) -> tuple[str, float]:
 
 
 def _reference(steps: int) -> tuple[dict, float]:
-  stdout, wall = _run([sys.executable, _REFERENCE.value, '--data', str(CORPUS), '--iters',
-                       str(steps)], 'the reference')
+  stdout, wall = _run([sys.executable, _REFERENCE.value, '--data', str(sources.SHAKESPEARE),
+                       '--iters', str(steps)], 'the reference')
   return _last_json(stdout, 'the reference'), wall
 
 
@@ -77,10 +79,8 @@ def _pair(steps: int) -> dict:
     _, lm_s = _run([sys.executable, '-m', 'lm.main', '--config', _CONFIG.value, '--workdir',
                     workdir, f'--config.train.steps={steps}', *_LM_FLAGS.value],
                    'python -m lm.main', env={**os.environ, 'JAX_COMPILATION_CACHE_DIR': ''})
-    run = epath.Path(workdir)
-    lm_ms = round(float(np.median([row['step_ms'] for row in map(
-        json.loads, (run / 'metrics.jsonl').read_text().splitlines()) if 'step_ms' in row])), 2)
-    lm_loss = json.loads((run / 'final.json').read_text())['val_loss']
+    run = compare.load_run(epath.Path(workdir))
+  lm_ms = round(1e3 * run['tokens_per_step'] / run['tokens_per_s'], 2)   # at the median step
   torch, torch_s = _reference(steps)
   return {'lm_ms': lm_ms, 'torch_ms': torch['ms_per_iter'],
           'step_ratio': round(lm_ms / torch['ms_per_iter'], 3),
@@ -88,7 +88,7 @@ def _pair(steps: int) -> dict:
           'wall_ratio': round(lm_s / torch_s, 3),
           'lm_fixed_s': round(lm_s - steps * lm_ms / 1e3, 2),
           'torch_fixed_s': round(torch_s - steps * torch['ms_per_iter'] / 1e3, 2),
-          'lm_val_loss': round(lm_loss, 4), 'torch_val_loss': torch['val_loss']}
+          'lm_val_loss': round(run['final_val_loss'], 4), 'torch_val_loss': torch['val_loss']}
 
 
 def main(argv) -> None:
