@@ -44,12 +44,13 @@ class Settings:
   eos_id: int | None = None
 
 
-def left_padded(prompts: list[np.ndarray], room: int) -> dict[str, np.ndarray]:
-  """Prompts (each cut to its last `room` tokens) right-aligned in B x P arrays: tokens,
-  positions (from 0 at each prompt's first token) and segments (0 on padding)."""
+def left_padded(prompts: list[np.ndarray], room: int, slots: int = 1) -> dict[str, np.ndarray]:
+  """Prompts (each cut to its last `room` tokens) right-aligned in B x P arrays, P at least
+  `slots`: tokens, positions (from 0 at each prompt's first token) and segments (0 on
+  padding)."""
   prompts = [np.asarray(p, np.int32)[-room:] if room else np.zeros([0], np.int32)
              for p in prompts]
-  P = max(1, max(len(p) for p in prompts))
+  P = max(1, slots, max(len(p) for p in prompts))
   tokens = np.zeros((len(prompts), P), np.int32)
   segments = np.zeros((len(prompts), P), np.int32)
   for i, p in enumerate(prompts):
@@ -143,33 +144,40 @@ class Sampler:
     return self._jitted[settings]
 
   def __call__(self, variables: dict, prompts: list[np.ndarray], rng: jax.Array,
-               settings: Settings) -> tuple[dict, np.ndarray, np.ndarray]:
+               settings: Settings, prompt_slots: int = 1) -> tuple[dict, np.ndarray, np.ndarray]:
     """(left-padded prompts, new tokens B x N, lengths B) as host arrays; prompts longer
-    than max_len - max_new_tokens keep their last tokens."""
+    than max_len - max_new_tokens keep their last tokens. The prompts are padded to at least
+    `prompt_slots` positions (a program's shape is its settings and prompt slots)."""
     room = self.model_config.max_len - settings.max_new_tokens
-    if room < 1:
+    if room < max(1, prompt_slots):
       raise ValueError(f'max_new_tokens={settings.max_new_tokens} leaves no room for a prompt '
-                       f'in the model\'s {self.model_config.max_len} positions')
-    padded = left_padded(prompts, room)
+                       f'of {max(1, prompt_slots)} slots in the model\'s '
+                       f'{self.model_config.max_len} positions')
+    padded = left_padded(prompts, room, prompt_slots)
     new, lengths = self._compiled(settings)(in_logical_order(self.model_config, variables),
                                             padded, rng)
     return padded, np.asarray(new), np.asarray(lengths)
 
   def extend(self, variables: dict, prompt: np.ndarray, rng: jax.Array,
              settings: Settings) -> np.ndarray:
-    """Up to settings.max_new_tokens tokens after one prompt, even past the model's context:
-    when the cache is full, decoding restarts from the last half of the context. Every restart
-    decodes the same number of tokens (the last one keeps what is asked), so all of them run
-    one compiled program (the CPU recipe's 200-token sample: 2 programs compiled, not 3)."""
+    """Up to settings.max_new_tokens tokens after one prompt, even past the model's context.
+    What fits after the prompt is one call of the size asked. Past the context, decoding
+    restarts from the last half of the context whenever the cache is full, and every call
+    runs one program: a context of max_len // 2 slots (the first call's prompt left-padded
+    to them when shorter) and the other half of the positions for new tokens, the last call
+    cut to what is asked (the CPU recipe's 200-token sample: 1 program compiled, not 2)."""
     max_len, ids, produced = self.model_config.max_len, list(prompt), []
+    slots = max(1, max_len // 2)
     while len(produced) < settings.max_new_tokens:
-      context = ids[-max(1, max_len // 2):] if produced else ids[-max(1, max_len - 1):]
       wanted = settings.max_new_tokens - len(produced)
-      room = max_len - max(1, len(context))
-      n = room if produced else min(wanted, room)
+      context = ids[-slots:] if produced else ids[-max(1, max_len - 1):]
+      pad = slots if len(context) <= slots else 1
+      n = max_len - max(pad, len(context))
+      if not produced and wanted <= max_len - max(1, len(context)):   # it all fits at once
+        n, pad = wanted, 1
       _, new, lengths = self(variables, [np.asarray(context, np.int32)],
                              jax.random.fold_in(rng, len(produced)),
-                             dataclasses.replace(settings, max_new_tokens=n))
+                             dataclasses.replace(settings, max_new_tokens=n), prompt_slots=pad)
       kept = new[0, :min(lengths[0], wanted)].tolist()
       produced += kept
       ids += kept

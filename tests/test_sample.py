@@ -162,22 +162,25 @@ def test_sharded_sampling_equals_one_device():
   np.testing.assert_array_equal(out[(1, 1, 1, 1)], out[(1, 4, 2, 1)])
 
 
-def test_extend_runs_past_the_context_and_its_restarts_share_one_program():
+@pytest.mark.parametrize('prompt, programs', [(PROMPTS[1], 2), (PROMPTS[0], 1)],
+                         ids=['long_prompt', 'short_prompt'])
+def test_extend_runs_past_the_context_and_its_restarts_share_one_program(prompt, programs):
   """One prompt continued for about 3 contexts: when the cache is full, decoding restarts from
-  the last half of the context; the tokens are those of sampler calls of exactly the sizes
-  needed, although every restart runs the same program (the last one cut); EOS stops it."""
+  the last half of the context; the tokens are those of unpadded sampler calls of exactly the
+  sizes needed, although every restart runs the same program (the last one cut), and so does
+  the first call when the prompt fits in half the context (left-padded); EOS stops it."""
   cfg, _, variables = _model_and_variables('llama')
   sampler = sample.Sampler(cfg, sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1]), (), 64)
-  settings, rng, prompt = sample.Settings(max_new_tokens=45), jax.random.PRNGKey(2), PROMPTS[1]
+  settings, rng = sample.Settings(max_new_tokens=45), jax.random.PRNGKey(2)
   half = cfg.max_len // 2
   new = sampler.extend(variables, prompt, rng, settings)
-  # the first call fills the cache after the 9-token prompt, then restarts of `half` tokens:
-  # 7 + 8 + 8 + 8 + 8 + 6 tokens, from 2 programs
-  assert cfg.max_len == 16 and len(sampler._jitted) == 2
+  # the 9-token prompt: 7 new tokens fill the cache, then restarts of `half` tokens (7 + 8 +
+  # 8 + 8 + 8 + 6), from 2 programs; the 3-token prompt: `half` tokens from the start, 1 program
+  assert cfg.max_len == 16 and len(sampler._jitted) == programs
   ids, expected = list(prompt), []
   while len(expected) < 45:
     context = ids[-half:] if expected else ids
-    n = min(45 - len(expected), cfg.max_len - len(context))
+    n = min(45 - len(expected), cfg.max_len - max(len(context), half))
     tokens = sampler(variables, [np.asarray(context)], jax.random.fold_in(rng, len(expected)),
                      dataclasses.replace(settings, max_new_tokens=n))[1][0].tolist()
     expected, ids = expected + tokens, ids + tokens

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -13,7 +14,7 @@ import pytest
 from etils import epath
 
 from launch.local import xla_flags_with_cpu_devices
-from lm import train
+from lm import checkpoint, train
 from tests.conftest import CHAR_RUN_FLAGS, command_env
 
 ROOT = epath.Path(__file__).parent.parent
@@ -101,6 +102,27 @@ def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
   jax.tree.map(np.testing.assert_array_equal, a, b)
   final = [m for m in read_metrics(killed) if 'test_loss' in m]
   assert len(final) == 1 and final[0] == [m for m in read_metrics(whole) if 'test_loss' in m][0]
+
+
+def test_cpu_checkpoint_of_a_replicated_state_compiles_nothing(tmp_path, caplog):
+  """On CPU the first replica writes a replicated array whole (lm.checkpoint.state_handler),
+  where Orbax's replica-parallel default compiles a slicing program per array shape; the
+  state restores bitwise, onto another sharding too."""
+  mesh = jax.make_mesh((8,), ('data',))
+  on = lambda spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  state = {'w': np.arange(192, dtype=np.float32).reshape(64, 3) / 7, 'step': np.int32(7)}
+  ckpt = checkpoint.Checkpointer(epath.Path(tmp_path), keep=2)
+  data = iter(grain.MapDataset.range(4).to_iter_dataset())
+  with jax.log_compiles(True):
+    ckpt.save(1, jax.device_put(state, on(())), data, {'signature': {}})
+    ckpt.wait()
+  assert not [r.getMessage() for r in caplog.records if 'ompil' in r.getMessage()]
+  target = {'w': jax.ShapeDtypeStruct((64, 3), np.float32, sharding=on(('data',))),
+            'step': jax.ShapeDtypeStruct((), np.int32, sharding=on(()))}
+  restored = ckpt.restore_latest(target, data, {'signature': {}}, hint='')
+  ckpt.close()
+  assert restored['w'].sharding == target['w'].sharding
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), state)
 
 
 @pytest.fixture(scope='module')
