@@ -1,7 +1,7 @@
 """lm against the PyTorch reference on nanoGPT's CPU recipe, side by side: prints one JSON
 line per pair of runs and a last one with the medians.
 
-    python benchmarks/vs_torch.py [--pairs 3] [--steps N] [--whole]
+    python benchmarks/vs_torch.py [--pairs 3] [--steps N] [--whole [--warm_cache]]
         [--reference ../shared/bench/torch_reference.py] [--config experiments/X.py]
         [--lm_flag=--config.a.b=v ...]
 
@@ -10,15 +10,20 @@ window of a noisy machine; only pairs compare. Both train on the corpus shipped 
 package. Steady step (the default, N = 300): `benchmarks/throughput.py --steps N` against
 the reference's `--iters 2N` (its median skips the first tenth). `--whole` (N = 2000, the
 recipe): the main command against the reference's whole script, each a fresh process timed
-from start to exit; lm with an empty compilation cache, as a first run pays, and its steps
-from metrics.jsonl. Needs torch (the `test` extra).
+from start to exit, lm's steps from metrics.jsonl. lm starts each run with a new, empty
+compilation cache, as a first run does; with `--warm_cache`, from one that an untimed run of
+the same command filled first with every program it compiles, as a rerun finds it. Needs
+torch (the `test` extra).
 
 Keys per pair: lm_ms, torch_ms and step_ratio (lm / torch); with --whole also lm_s, torch_s,
 wall_ratio, each side's val_loss, and lm_fixed_s / torch_fixed_s: the wall-clock beyond N
-steps at the median step (lm: imports, compiles, evaluations, checkpoints, the sample).
+steps at the median step (lm: imports, compiles, evaluations, checkpoints, the sample); with
+--warm_cache lm_programs_compiled, the programs the timed run compiled instead of loading
+(0 when the cache held them all).
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +40,8 @@ ROOT = epath.Path(__file__).parent.parent
 _PAIRS = flags.DEFINE_integer('pairs', 3, 'Pairs of runs, lm then the reference in each.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Steps of each run (default: 300; --whole 2000).')
 _WHOLE = flags.DEFINE_bool('whole', False, 'Time the whole commands, not the steady step.')
+_WARM = flags.DEFINE_bool('warm_cache', False, "With --whole: lm's programs come from a "
+                          'compilation cache filled by an untimed first run (a rerun).')
 _REFERENCE = flags.DEFINE_string('reference', str(ROOT.parent / 'shared' / 'bench' /
                                                   'torch_reference.py'),
                                  'The PyTorch reference script.')
@@ -67,7 +74,26 @@ def _reference(steps: int) -> tuple[dict, float]:
   return _last_json(stdout, 'the reference'), wall
 
 
-def _pair(steps: int) -> dict:
+def _programs(cache: str) -> int:
+  """Compiled programs in a JAX compilation cache directory."""
+  return sum(name.endswith('-cache') for name in os.listdir(cache))
+
+
+def _main(steps: int, workdir: str, cache: str) -> tuple[float, dict, int]:
+  """(wall seconds, run, programs it added to the cache) of the main command with `cache` as
+  its compilation cache; with --warm_cache every program is stored, whatever its compile
+  time."""
+  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': cache}
+  if _WARM.value:
+    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  before = _programs(cache)
+  _, wall = _run([sys.executable, '-m', 'lm.main', '--config', _CONFIG.value, '--workdir',
+                  workdir, f'--config.train.steps={steps}', *_LM_FLAGS.value],
+                 'python -m lm.main', env=env)
+  return wall, compare.load_run(epath.Path(workdir)), _programs(cache) - before
+
+
+def _pair(steps: int, cache: str | None) -> dict:
   if not _WHOLE.value:
     lm = _last_json(_run([sys.executable, str(ROOT / 'benchmarks' / 'throughput.py'), '--config',
                           _CONFIG.value, '--steps', str(steps), *_LM_FLAGS.value],
@@ -75,14 +101,12 @@ def _pair(steps: int) -> dict:
     torch = _reference(2 * steps)[0]
     return {'lm_ms': lm['step_ms'], 'torch_ms': torch['ms_per_iter'],
             'step_ratio': round(lm['step_ms'] / torch['ms_per_iter'], 3)}
-  with tempfile.TemporaryDirectory() as workdir:
-    _, lm_s = _run([sys.executable, '-m', 'lm.main', '--config', _CONFIG.value, '--workdir',
-                    workdir, f'--config.train.steps={steps}', *_LM_FLAGS.value],
-                   'python -m lm.main', env={**os.environ, 'JAX_COMPILATION_CACHE_DIR': ''})
-    run = compare.load_run(epath.Path(workdir))
+  with tempfile.TemporaryDirectory() as workdir, tempfile.TemporaryDirectory() as empty:
+    lm_s, run, compiled = _main(steps, workdir, cache or empty)
+    compiled = {'lm_programs_compiled': compiled} if cache else {}
   lm_ms = round(1e3 * run['tokens_per_step'] / run['tokens_per_s'], 2)   # at the median step
   torch, torch_s = _reference(steps)
-  return {'lm_ms': lm_ms, 'torch_ms': torch['ms_per_iter'],
+  return {**compiled, 'lm_ms': lm_ms, 'torch_ms': torch['ms_per_iter'],
           'step_ratio': round(lm_ms / torch['ms_per_iter'], 3),
           'lm_s': round(lm_s, 2), 'torch_s': round(torch_s, 2),
           'wall_ratio': round(lm_s / torch_s, 3),
@@ -96,11 +120,20 @@ def main(argv) -> None:
   if not os.path.exists(_REFERENCE.value):
     print(f'error: --reference: no such file: {_REFERENCE.value}', file=sys.stderr)
     sys.exit(2)
+  if _WARM.value and not _WHOLE.value:
+    print('error: --warm_cache times the whole commands: add --whole', file=sys.stderr)
+    sys.exit(2)
   steps = _STEPS.value or (2000 if _WHOLE.value else 300)
+  cache = tempfile.mkdtemp(prefix='vs_torch_cache_') if _WHOLE.value and _WARM.value else None
+  if cache:   # the untimed first run, which fills the cache
+    with tempfile.TemporaryDirectory() as workdir:
+      _main(steps, workdir, cache)
   pairs = []
   for i in range(_PAIRS.value):
-    pairs.append(_pair(steps))
+    pairs.append(_pair(steps, cache))
     print(json.dumps({'pair': i + 1, 'steps': steps, **pairs[-1]}), flush=True)
+  if cache:
+    shutil.rmtree(cache)
   print(json.dumps({'median': True, 'pairs': len(pairs), 'steps': steps,
                     **{k: round(float(np.median([p[k] for p in pairs])), 3)
                        for k in pairs[0] if not k.endswith('val_loss')}}))

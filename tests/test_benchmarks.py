@@ -48,11 +48,20 @@ def test_vs_torch_runs_both_sides_and_derives_ratios_and_fixed_costs(tmp_path, t
   assert 0 < pair['lm_val_loss'] < math.log(65)   # trained 12 steps: below uniform guessing
   assert 'lm_val_loss' not in median and median['lm_s'] == pair['lm_s']
 
+  # a rerun: the untimed first run stored every program, so the timed one compiles none
+  pair, median = _lines(run('--steps', '12', '--whole', '--warm_cache'))
+  assert pair['lm_programs_compiled'] == 0 and 0 < pair['lm_val_loss'] < math.log(65)
+
   corpus = ROOT / 'lm' / 'data' / 'tinyshakespeare.txt'
   assert (tmp_path / 'argv').read_text().splitlines() == [
-      f'--data {corpus} --iters 10', f'--data {corpus} --iters 12']
+      f'--data {corpus} --iters 10', f'--data {corpus} --iters 12',
+      f'--data {corpus} --iters 12']
 
   missing = run('--reference', str(tmp_path / 'none.py'))
   assert missing.returncode == 2
   assert missing.stderr.strip().splitlines() == [
       f'error: --reference: no such file: {tmp_path / "none.py"}']
+  steady_warm = run('--warm_cache')
+  assert steady_warm.returncode == 2
+  assert steady_warm.stderr.strip().splitlines() == [
+      'error: --warm_cache times the whole commands: add --whole']
