@@ -23,6 +23,7 @@ steps at the median step (lm: imports, compiles, evaluations, checkpoints, the s
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,8 +102,8 @@ def _pair(steps: int, cache: str | None) -> dict:
     return {'lm_ms': lm['step_ms'], 'torch_ms': torch['ms_per_iter'],
             'step_ratio': round(lm['step_ms'] / torch['ms_per_iter'], 3)}
   with tempfile.TemporaryDirectory() as workdir, tempfile.TemporaryDirectory() as empty:
-    lm_s, run, added = _main(steps, workdir, cache or empty)
-  compiled = {'lm_programs_compiled': added} if cache else {}
+    lm_s, run, compiled = _main(steps, workdir, cache or empty)
+    compiled = {'lm_programs_compiled': compiled} if cache else {}
   lm_ms = round(1e3 * run['tokens_per_step'] / run['tokens_per_s'], 2)   # at the median step
   torch, torch_s = _reference(steps)
   return {**compiled, 'lm_ms': lm_ms, 'torch_ms': torch['ms_per_iter'],
@@ -123,15 +124,16 @@ def main(argv) -> None:
     print('error: --warm_cache times the whole commands: add --whole', file=sys.stderr)
     sys.exit(2)
   steps = _STEPS.value or (2000 if _WHOLE.value else 300)
+  cache = tempfile.mkdtemp(prefix='vs_torch_cache_') if _WHOLE.value and _WARM.value else None
+  if cache:   # the untimed first run, which fills the cache
+    with tempfile.TemporaryDirectory() as workdir:
+      _main(steps, workdir, cache)
   pairs = []
-  with tempfile.TemporaryDirectory(prefix='vs_torch_cache_') as warm:
-    cache = warm if _WARM.value else None
-    if cache:   # the untimed first run, which fills the cache
-      with tempfile.TemporaryDirectory() as workdir:
-        _main(steps, workdir, cache)
-    for i in range(_PAIRS.value):
-      pairs.append(_pair(steps, cache))
-      print(json.dumps({'pair': i + 1, 'steps': steps, **pairs[-1]}), flush=True)
+  for i in range(_PAIRS.value):
+    pairs.append(_pair(steps, cache))
+    print(json.dumps({'pair': i + 1, 'steps': steps, **pairs[-1]}), flush=True)
+  if cache:
+    shutil.rmtree(cache)
   print(json.dumps({'median': True, 'pairs': len(pairs), 'steps': steps,
                     **{k: round(float(np.median([p[k] for p in pairs])), 3)
                        for k in pairs[0] if not k.endswith('val_loss')}}))
