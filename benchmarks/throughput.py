@@ -1,7 +1,7 @@
 """Training throughput of an experiment: prints one JSON line.
 
     python benchmarks/throughput.py --config experiments/shakespeare_char.py [--steps 200]
-        [--config.model.remat=full ...]
+        [--config.model.remat=full ...] [--compare KEY=V1,V2,... ...]
 
 Keys: compile_s (first step, tracing + compilation), step_ms (median over windows of 10
 steps dispatched back to back),
@@ -9,6 +9,13 @@ tokens_per_s, tflops (achieved, model FLOPs of lm.model.ModelConfig.flops_per_to
 mfu (where the device's peak is known), pipeline_stages and pipeline_bubble (the idle
 fraction of stage-ticks, (S - 1) / (R M + S - 1)), peak_memory_gb (device allocator peak, or
 the process's peak resident memory on CPU).
+
+`--compare KEY=V1,V2,...` (as lm.plan's --sweep; several flags: every combination) builds
+the step of each value in this one process and times their windows in turns, so that all
+see the same moments of a noisy machine: one line per value, with its overrides under
+`point` and, after the first, `vs_first`, the median over windows of its window's time over
+the first value's window beside it. Values that change the devices (mesh.cpu_devices) cannot
+be compared in one process.
 """
 import json
 import resource
@@ -19,10 +26,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import cli, metrics, pipeline, train
+from lm import cli, metrics, pipeline, sweeps, train
+from lm.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
 _STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps (after one compile step and 10 warm-up).')
+_COMPARE = flags.DEFINE_multi_string('compare', [], 'KEY=V1,V2,...: time the step with each '
+                                     'value, in turns in this process.')
 WINDOW = 10   # steps per timed window
 
 
@@ -33,46 +43,71 @@ def _peak_memory_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # kB on Linux
 
 
+class Stepper:
+  """One config's compiled train step, its state and 16 batches, stepped a window at a time."""
+
+  def __init__(self, config):
+    self.config, data, self.program = train.setup(config, None)
+    self.state = self.program.init(jax.random.PRNGKey(0))
+    self.batches = [train.global_batch(self.program, next(data.train),
+                                       self.config.train.batch_size) for _ in range(16)]
+    self.times, self.steps = [], 0
+    start = time.perf_counter()
+    self.window(1)
+    self.compile_s = time.perf_counter() - start
+    self.window(WINDOW)   # warm-up
+
+  def window(self, steps: int) -> float:
+    """Seconds per step of `steps` steps dispatched back to back, as the training loop does
+    (the host queues step n + 1 while step n runs), blocking only at the end: the host's share
+    is what a run pays (on a GPU or TPU it overlaps the device's)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.state, m = self.program.train_step(self.state, self.batches[self.steps % 16])
+      self.steps += 1
+    jax.block_until_ready(m)
+    return (time.perf_counter() - start) / steps
+
+  def row(self) -> dict:
+    config, program = self.config, self.program
+    stages = program.mesh.shape['stage']
+    result = metrics.throughput(1, float(np.median(self.times)),
+                                config.train.batch_size * config.data.seq_len,
+                                program.model_config.flops_per_token(config.data.seq_len),
+                                jax.devices())
+    return {
+        'experiment': config_flags.get_config_filename(flags.FLAGS['config']),
+        'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
+        'compile_s': round(self.compile_s, 2), 'step_ms': round(result['step_ms'], 2),
+        'tokens_per_s': round(result['tokens_per_s']), 'tflops': round(result['tflops'], 4),
+        'mfu': result['mfu'] and round(result['mfu'], 4),
+        'pipeline_stages': stages,
+        'pipeline_bubble': round(pipeline.bubble_fraction(
+            stages, config.model.pipeline_microbatches, config.model.pipeline_repeats), 4),
+        'peak_memory_gb': round(_peak_memory_gb(), 3)}
+
+
 def main(argv) -> None:
   del argv
+  try:
+    points = sweeps.sweep_points(_COMPARE.value, '--compare')
+    if any('mesh.cpu_devices' in point for point in points):
+      raise ConfigError('--compare: mesh.cpu_devices sets the devices of the process; compare '
+                        'it across runs of this command')
+    configs = [sweeps.apply(_CONFIG.value, point) for point in points]
+  except ConfigError as e:
+    cli.fail(str(e))
   cli.split_cpu(_CONFIG.value.mesh.cpu_devices)
-  config, data, program = train.setup(_CONFIG.value, None)
-  state = program.init(jax.random.PRNGKey(0))
-  batches = [train.global_batch(program, next(data.train), config.train.batch_size)
-             for _ in range(16)]
-  start = time.perf_counter()
-  state, m = program.train_step(state, batches[0])
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - start
-  for i in range(10):
-    state, m = program.train_step(state, batches[i % 16])
-  jax.block_until_ready(m)
-  # Steps are dispatched back to back as in the training loop (the host queues step n + 1
-  # while step n runs) and timed in windows of WINDOW steps, blocking only at a window's end,
-  # so that the host's share is what a run pays (on a GPU or TPU it overlaps the device's).
-  times = []
-  for start_step in range(0, _STEPS.value, WINDOW):
-    start = time.perf_counter()
-    for i in range(start_step, start_step + WINDOW):
-      state, m = program.train_step(state, batches[i % 16])
-    jax.block_until_ready(m)
-    times.append((time.perf_counter() - start) / WINDOW)
-  step_s = float(np.median(times))
-  stages = program.mesh.shape['stage']
-  tokens = config.train.batch_size * config.data.seq_len
-  result = metrics.throughput(1, step_s, tokens,
-                              program.model_config.flops_per_token(config.data.seq_len),
-                              jax.devices())
-  print(json.dumps({
-      'experiment': config_flags.get_config_filename(flags.FLAGS['config']),
-      'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
-      'compile_s': round(compile_s, 2), 'step_ms': round(result['step_ms'], 2),
-      'tokens_per_s': round(result['tokens_per_s']), 'tflops': round(result['tflops'], 4),
-      'mfu': result['mfu'] and round(result['mfu'], 4),
-      'pipeline_stages': stages,
-      'pipeline_bubble': round(pipeline.bubble_fraction(
-          stages, config.model.pipeline_microbatches, config.model.pipeline_repeats), 4),
-      'peak_memory_gb': round(_peak_memory_gb(), 3)}))
+  steppers = [Stepper(config) for config in configs]
+  for _ in range(0, _STEPS.value, WINDOW):
+    for stepper in steppers:
+      stepper.times.append(stepper.window(WINDOW))
+  for point, stepper in zip(points, steppers):
+    row = stepper.row()
+    if len(points) > 1:
+      row['point'] = point
+      row['vs_first'] = round(float(np.median(np.divide(stepper.times, steppers[0].times))), 3)
+    print(json.dumps(row))
 
 
 if __name__ == '__main__':

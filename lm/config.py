@@ -106,6 +106,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       decay_embeddings=True,  # weight decay on embedding tables (never on biases / norms)
       clip_norm=1.0,          # 0: no clipping
       max_nonfinite_steps=5,  # stop after this many non-finite updates in a row
+      # how a non-finite update is skipped: 'select' (element by element), 'branch'
+      # (lax.cond), 'auto': a branch on CPU meshes, else a select (lm.optim.skip_nonfinite)
+      nonfinite_skip='auto',
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -332,6 +335,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
   m, t, d = c.model, c.train, c.data
   one_of('optim.name', c.optim.name, OPTIMIZERS)
   one_of('optim.schedule', c.optim.schedule, SCHEDULES)
+  one_of('optim.nonfinite_skip', c.optim.nonfinite_skip, ('auto', 'select', 'branch'))
   one_of('model.remat', m.remat, REMAT_POLICIES)
   one_of('model.attention', m.attention, ATTENTION_IMPLEMENTATIONS)
   one_of('model.positions', m.positions, ('learned', 'rope'))

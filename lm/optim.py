@@ -58,10 +58,13 @@ def _optimizers(o, schedule, mask) -> dict[str, Callable[[], optax.GradientTrans
   }
 
 
-def make_optimizer(o: ml_collections.ConfigDict, last: optax.GradientTransformation | None = None
+def make_optimizer(o: ml_collections.ConfigDict, last: optax.GradientTransformation | None = None,
+                   platform: str | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """clip -> optimizer (-> `last`, e.g. pruning's masks), wrapped so that a non-finite
-  gradient skips the update.
+  gradient skips the update: by a branch or a select (`skip_nonfinite`), as
+  config.optim.nonfinite_skip says; 'auto' branches when the step compiles for `platform`
+  'cpu'.
 
   `skip_nonfinite` counts skipped updates in its state (optax.apply_if_finite's); the training
   loop stops the run after `max_nonfinite_steps` in a row (the wrapper itself would then apply
@@ -71,31 +74,50 @@ def make_optimizer(o: ml_collections.ConfigDict, last: optax.GradientTransformat
   steps = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
   steps.append(_optimizers(o, schedule, mask)[o.name]())
   steps += [last] if last is not None else []
-  tx = skip_nonfinite(optax.chain(*steps), max_consecutive_errors=o.max_nonfinite_steps + 1)
+  branch = o.nonfinite_skip == 'branch' or (o.nonfinite_skip == 'auto' and platform == 'cpu')
+  tx = skip_nonfinite(optax.chain(*steps), o.max_nonfinite_steps + 1, branch)
   return tx, schedule
 
 
-def skip_nonfinite(inner: optax.GradientTransformation, max_consecutive_errors: int
-                   ) -> optax.GradientTransformationExtraArgs:
-  """`optax.apply_if_finite` (same state, same results) choosing between the new and the old
-  state element by element (`jnp.where`) instead of by `lax.cond`. A cond's branches are
-  separate computations, so XLA can fuse neither the update into `apply_updates` nor their
-  buffers into one: Llama-3-8B on a v5p-8 (lm.plan) took 2.4% longer per step and 4.6 GB
-  more temporary memory per chip with the cond."""
+def skip_nonfinite(inner: optax.GradientTransformation, max_consecutive_errors: int,
+                   branch: bool = False) -> optax.GradientTransformationExtraArgs:
+  """`optax.apply_if_finite`: the same state, and the same results except that a gradient
+  whose global norm overflows its dtype (an element above about 1.8e19 in float32) also
+  counts as non-finite. The test is the norm's, which the clip and the logged grad_norm
+  compute anyway (XLA computes it once), instead of a reduction of every leaf.
+
+  Which of the new and the old state to keep is chosen in one of two ways, each the faster on
+  its compiler (config.optim.nonfinite_skip; 'auto' branches on CPU meshes only).
+  branch=False: element by element (`jnp.where`). A `lax.cond`'s branches are separate
+  computations, so XLA:TPU fuses neither the update into `apply_updates` nor their buffers
+  into one: Llama-3-8B on a v5p-8 plans at 0.7853 s and 16.7 GB of temporaries per chip with
+  the select, 0.8053 s and 19.3 GB with the cond (`python -m lm.plan --config
+  experiments/llama3_8b_lm1b.py --topology v5p-8 --config.train.batch_size=8
+  --config.model.remat=full --config.model.attention=xla_bf16 --sweep
+  optim.nonfinite_skip=select,branch`). branch=True: `lax.cond`. XLA:CPU fuses each output
+  on its own, so with the select each of the state's outputs recomputes the update from a copy
+  of the old moments (126 copies a step on each device for the CPU recipe): its step takes
+  4-10% longer than with the cond (`python benchmarks/throughput.py --config
+  experiments/shakespeare_char.py --steps 2000 --compare optim.nonfinite_skip=select,branch`).
+  """
   inner = optax.with_extra_args_support(inner)
 
   def update(updates, state, params=None, **extra_args):
-    isfinite = jnp.all(jnp.array([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+    isfinite = jnp.isfinite(optax.tree.norm(updates))
     notfinite_count = jnp.where(isfinite, 0, optax.safe_increment(state.notfinite_count))
     apply = isfinite | (notfinite_count > max_consecutive_errors)
-    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-    state = optax.ApplyIfFiniteState(
+    step = lambda: inner.update(updates, state.inner_state, params, **extra_args)
+    skip = lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state)
+    if branch:
+      new_updates, inner_state = jax.lax.cond(apply, step, skip)
+    else:
+      new_updates, inner_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old),
+                                              step(), skip())
+    return new_updates, optax.ApplyIfFiniteState(
         notfinite_count=notfinite_count, last_finite=isfinite,
         total_notfinite=jnp.where(isfinite, state.total_notfinite,
                                   optax.safe_increment(state.total_notfinite)),
-        inner_state=jax.tree.map(lambda new, old: jnp.where(apply, new, old),
-                                 new_inner, state.inner_state))
-    return jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), new_updates), state
+        inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(
       optax.apply_if_finite(inner, max_consecutive_errors).init, update)

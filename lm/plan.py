@@ -16,7 +16,6 @@ costs only by the estimate they carry (tokamax's do: `lm.attention`); `pallas_ke
 how many the program has. `--breakdown N` adds where the estimate goes (`breakdown`): the N
 largest JAX operations per layer and of the rest of the step.
 """
-import ast
 import collections
 import json
 import math
@@ -300,22 +299,6 @@ def table(rows: list[dict], swept: list[str]) -> str:
   return '\n'.join(lines)
 
 
-def sweep_points(specs: list[str]) -> list[dict]:
-  """`--sweep KEY=V1,V2,...` flags as points (their product): values as Python literals
-  where they parse ((1,4,1,1),(4,1,1,1); 8,16), else strings (none,full)."""
-  axes = []
-  for spec in specs:
-    key, sep, values = spec.partition('=')
-    if not sep or not values:
-      raise ConfigError(f'--sweep={spec!r} must be KEY=V1,V2,...')
-    try:
-      parsed = list(ast.literal_eval(f'[{values}]'))
-    except (ValueError, SyntaxError):
-      parsed = [v.strip() for v in values.split(',')]
-    axes.append([{key: v} for v in parsed])
-  return sweeps.product(*axes) if axes else [{}]
-
-
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file with get_config().',
                                           lock_config=False)
 _TOPOLOGY = flags.DEFINE_string('topology', None, 'Cloud TPU slice: v4-32, v5e-16, v5p-64, ...')
@@ -333,7 +316,7 @@ def main(argv) -> None:
   jax.config.update('jax_platforms', 'cpu')   # compiles for TPU, runs nothing: never take one
   try:
     topology = tpus.parse(_TOPOLOGY.value)
-    points = sweep_points(_SWEEP.value)
+    points = sweeps.sweep_points(_SWEEP.value)
     rows = []
     for i, point in enumerate(points):
       print(f'planning {i + 1}/{len(points)} {sweeps.run_name(point)} on {topology.name} '

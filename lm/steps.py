@@ -177,7 +177,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   teacher = teacher_model(config)
   objective = objectives.make(config, model, reference, teacher)
   tx, schedule = optim.make_optimizer(config.optim, prune.keep_pruned(
-      config.prune, config.train.steps) if config.prune.method != 'none' else None)
+      config.prune, config.train.steps) if config.prune.method != 'none' else None,
+      platform=mesh.devices.flat[0].platform)
   rules = sharding.rules(config)
 
   def init_variables(rng):

@@ -2,6 +2,7 @@
 
 A sweep point is a dict of dotted config keys to values, e.g. {'model.d_model': 256}.
 """
+import ast
 import difflib
 import itertools
 import math
@@ -85,3 +86,20 @@ def _flat_keys(config, prefix: str = '') -> list[str]:
     else:
       keys.append(f'{prefix}{key}')
   return keys
+
+
+def sweep_points(specs: list[str], flag: str = '--sweep') -> list[dict]:
+  """`--sweep KEY=V1,V2,...` flags (lm.plan's; `flag` names them in errors) as points (their
+  product): values as Python literals where they parse ((1,4,1,1),(4,1,1,1); 8,16), else
+  strings (none,full)."""
+  axes = []
+  for spec in specs:
+    key, sep, values = spec.partition('=')
+    if not sep or not values:
+      raise ConfigError(f'{flag}={spec!r} must be KEY=V1,V2,...')
+    try:
+      parsed = list(ast.literal_eval(f'[{values}]'))
+    except (ValueError, SyntaxError):
+      parsed = [v.strip() for v in values.split(',')]
+    axes.append([{key: v} for v in parsed])
+  return product(*axes) if axes else [{}]

@@ -12,8 +12,9 @@ ROOT = epath.Path(__file__).parent.parent
 
 
 def _lines(result) -> list[dict]:
+  """The JSON lines of a command's stdout (TFDS reports preparing the corpus there too)."""
   assert result.returncode == 0, result.stderr[-3000:]
-  return [json.loads(line) for line in result.stdout.splitlines()]
+  return [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
 
 
 def test_vs_torch_runs_both_sides_and_derives_ratios_and_fixed_costs(tmp_path, tfds_dir):
@@ -65,3 +66,30 @@ def test_vs_torch_runs_both_sides_and_derives_ratios_and_fixed_costs(tmp_path, t
   assert steady_warm.returncode == 2
   assert steady_warm.stderr.strip().splitlines() == [
       'error: --warm_cache times the whole commands: add --whole']
+
+
+def test_throughput_compares_values_in_one_process(tfds_dir):
+  """--compare: one row per value, each of its own config (a batch of 8 or 16 sequences of 64
+  tokens per step), and the windows' ratio to the first value's."""
+  command = [sys.executable, 'benchmarks/throughput.py', '--config',
+             'experiments/shakespeare_char.py:smoke', f'--config.data.dir={tfds_dir}',
+             '--steps', '20']
+  run = lambda *flags: subprocess.run([*command, *flags], capture_output=True, text=True,
+                                      cwd=ROOT, env=command_env())
+  first, second = _lines(run('--compare', 'train.batch_size=8,16'))
+  assert [first['point'], second['point']] == [{'train.batch_size': 8}, {'train.batch_size': 16}]
+  for row, batch in ((first, 8), (second, 16)):
+    # tokens_per_s is the row's tokens per step over its own step time
+    assert math.isclose(row['tokens_per_s'] * row['step_ms'] / 1e3, batch * 64, rel_tol=1e-3)
+  assert first['vs_first'] == 1.0 and second['vs_first'] > 0
+
+  for flag, message in (('optim.nonfinit=select', "error: sweep override 'optim.nonfinit' is not "
+                                                  "a config key; did you mean "
+                                                  "'optim.nonfinite_skip'?"),
+                        ('mesh.cpu_devices=1,2', 'error: --compare: mesh.cpu_devices sets the '
+                                                 'devices of the process; compare it across '
+                                                 'runs of this command'),
+                        ('train.batch_size', "error: --compare='train.batch_size' must be "
+                                             'KEY=V1,V2,...')):
+    bad = run('--compare', flag)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == message

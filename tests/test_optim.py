@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from lm import config as config_lib
-from lm import optim, train
+from lm import optim, plan, tpus, train
 from tests.conftest import build_program, flat, loss_and_grads, random_batch, tiny_config
 
 
@@ -177,13 +177,14 @@ def test_nonfinite_streak_of_the_real_optimizer_stops_the_run():
   assert step == limit + 1
 
 
-def test_skip_nonfinite_equals_optax_apply_if_finite():
-  """The select-based wrapper against optax's cond-based one, step by step, through skipped,
-  applied and (past max_consecutive_errors) given-up-on non-finite gradients."""
+@pytest.mark.parametrize('branch', [False, True])
+def test_skip_nonfinite_equals_optax_apply_if_finite(branch):
+  """Both forms of the wrapper against optax's, step by step, through skipped, applied and
+  (past max_consecutive_errors) given-up-on non-finite gradients."""
   inner = optax.chain(optax.clip_by_global_norm(0.5),
                       optax.adamw(0.1, weight_decay=0.1, mask=lambda p: optim.weight_decay_mask(
                           p, decay_embeddings=False)))
-  ours, reference = optim.skip_nonfinite(inner, 2), optax.apply_if_finite(inner, 2)
+  ours, reference = optim.skip_nonfinite(inner, 2, branch), optax.apply_if_finite(inner, 2)
   params = _params()
   states = [ours.init(params), reference.init(params)]
   steps = [jax.jit(ours.update), jax.jit(reference.update)]
@@ -204,13 +205,26 @@ def test_skip_nonfinite_equals_optax_apply_if_finite():
   assert int(state.total_notfinite) == 4 and int(state.inner_state[1][0].count) == 4
 
 
-def test_train_step_has_no_branch_around_the_update():
-  """The non-finite skip is a select, so XLA can fuse the update into apply_updates: the
-  lowered train step holds no conditional (optax.apply_if_finite's lax.cond would be one)."""
-  program = build_program(tiny_config())
-  batch = jax.device_put(random_batch(8, 16), program.batch_sharding)
+def _lowered_train_step(devices) -> str:
+  config = config_lib.resolve(tiny_config(), 64)
+  config.mesh.shape = (len(devices), 1, 1, 1)
+  program = plan.program_on(config, devices)
+  batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=program.batch_sharding)
+           for k in ('inputs', 'targets')}
   with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
-    text = program.jitted_train_step.__wrapped__.lower(
-        program.abstract_state, batch, program.frozen).as_text()
-  assert 'stablehlo.add' in text and 'stablehlo.select' in text
-  assert 'stablehlo.case' not in text and 'stablehlo.if' not in text
+    return program.jitted_train_step.__wrapped__.lower(
+        program.abstract_state, batch, program.abstract_frozen).as_text()
+
+
+def test_the_skip_is_a_select_on_tpu_and_a_branch_on_cpu():
+  """On a TPU mesh the non-finite skip is a select, so XLA can fuse the update into
+  apply_updates; on a CPU mesh it is a lax.cond (see optim.skip_nonfinite), and there are no
+  per-leaf isfinite reductions on either (the global norm tells)."""
+  tpu = _lowered_train_step(tpus.parse('v5e:2x2').devices())
+  cpu = _lowered_train_step(jax.devices()[:4])
+  assert 'stablehlo.case' not in tpu and 'stablehlo.if' not in tpu
+  assert 'stablehlo.case' in cpu
+  for text in (tpu, cpu):
+    assert 'stablehlo.is_finite' in text
+    # the global norm's and log-sum-exp's (an isfinite of each leaf would add one per leaf)
+    assert text.count('stablehlo.is_finite') <= 2, text.count('stablehlo.is_finite')

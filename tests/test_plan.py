@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from lm import config as config_lib
-from lm import config_post, plan, tpus
+from lm import config_post, plan, sweeps, tpus
 from lm.checks import ConfigError
 from tests.conftest import tiny_config
 
@@ -199,13 +199,13 @@ def test_bad_input(monkeypatch):
 
 
 def test_sweep_values_parse_as_literals_or_strings():
-  assert plan.sweep_points(['model.remat=none,full']) == [
+  assert sweeps.sweep_points(['model.remat=none,full']) == [
       {'model.remat': 'none'}, {'model.remat': 'full'}]
-  assert plan.sweep_points(['mesh.shape=(1,4,1,1),(4,1,1,1)', 'train.batch_size=8,16']) == [
+  assert sweeps.sweep_points(['mesh.shape=(1,4,1,1),(4,1,1,1)', 'train.batch_size=8,16']) == [
       {'mesh.shape': m, 'train.batch_size': b} for m in [(1, 4, 1, 1), (4, 1, 1, 1)]
       for b in (8, 16)]
   with pytest.raises(ConfigError, match='must be KEY=V1,V2'):
-    plan.sweep_points(['model.remat'])
+    sweeps.sweep_points(['model.remat'])
 
 
 def test_command_prints_a_json_line_per_point_and_a_table():
