@@ -88,15 +88,20 @@ def program_on(config: ml_collections.ConfigDict, devices: list,
                                                 devices), state_layout)
 
 
-def compile_train_step(program: steps.Program, config: ml_collections.ConfigDict,
-                       compiler_options: dict | None = None):
-  """The program's train step compiled for its mesh's devices, from abstract state and batch."""
+def lower_train_step(program: steps.Program, config: ml_collections.ConfigDict):
+  """The program's train step lowered for its mesh's devices, from abstract state and batch."""
   batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32,
                                    sharding=program.batch_sharding)
            for k in ('inputs', 'targets')}
   with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
     return program.jitted_train_step.__wrapped__.lower(
-        program.abstract_state, batch, program.abstract_frozen).compile(compiler_options)
+        program.abstract_state, batch, program.abstract_frozen)
+
+
+def compile_train_step(program: steps.Program, config: ml_collections.ConfigDict,
+                       compiler_options: dict | None = None):
+  """The program's train step compiled for its mesh's devices, from abstract state and batch."""
+  return lower_train_step(program, config).compile(compiler_options)
 
 
 def _out_of_memory(error: Exception) -> dict:

@@ -1,5 +1,4 @@
 """Optimizer: schedules, weight-decay mask, gradient accumulation, non-finite skipping."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,12 +207,7 @@ def test_skip_nonfinite_equals_optax_apply_if_finite(branch):
 def _lowered_train_step(devices) -> str:
   config = config_lib.resolve(tiny_config(), 64)
   config.mesh.shape = (len(devices), 1, 1, 1)
-  program = plan.program_on(config, devices)
-  batch = {k: jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=program.batch_sharding)
-           for k in ('inputs', 'targets')}
-  with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
-    return program.jitted_train_step.__wrapped__.lower(
-        program.abstract_state, batch, program.abstract_frozen).as_text()
+  return plan.lower_train_step(plan.program_on(config, devices), config).as_text()
 
 
 def test_the_skip_is_a_select_on_tpu_and_a_branch_on_cpu():
