@@ -93,9 +93,13 @@ class Logger:
     self.pending = (step, metrics)
 
   def flush(self) -> None:
+    """Handles the pending step, before work that is not a step (an evaluation, a
+    checkpoint): the clock restarts at the next step handled, so that work does not count in
+    step_ms and tokens_per_s."""
     if self.pending is not None:
       self._handle(*self.pending)
       self.pending = None
+    self.interval_start = (0, None)
 
   def _handle(self, step: int, device_metrics) -> None:
     m = jax.device_get(device_metrics)
@@ -251,10 +255,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
       batch, host_metrics = rollouts(state, next(data.train), step)
     state, step_metrics = program.train_step(state, batch)
     logger.push(step, {**step_metrics, **host_metrics})
-    if step % t.eval_every == 0 or step == t.steps:
+    evaluates = step % t.eval_every == 0 or step == t.steps
+    if evaluates or step % t.checkpoint_every == 0:
       logger.flush()
-      val = evaluate_on(state.params, 'validation')
-      writer.write(step, val)
+    if evaluates:
+      val, seconds = _timed(evaluate_on, state.params, 'validation')
+      writer.write(step, {**val, 'val_wall_s': seconds})
       if is_main:
         bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
     if step % t.checkpoint_every == 0 or step == t.steps:
@@ -264,9 +270,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
   bar.close()
   ckpt.wait()
   ckpt.close()
-  test = evaluate_on(state.params, 'test')
+  test, seconds = _timed(evaluate_on, state.params, 'test')
   val = val or evaluate_on(state.params, 'validation')
-  writer.write(t.steps, test)
+  writer.write(t.steps, {**test, 'test_wall_s': seconds})
   writer.close()
   text = _sample(config, program, state.params, data.tokenizer)   # every process takes part
   wall = time.perf_counter() - start_time
@@ -280,6 +286,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
     scores = ', '.join(f'{k} {v:.4f}' for k, v in {**val, **test}.items())
     print(f'done: {t.steps} steps, {scores}, {wall:.1f}s wall, workdir {workdir}')
   return final
+
+
+def _timed(fn, *args):
+  """(fn's result, its wall-clock seconds): how long an evaluation holds up training, for
+  choosing eval_every and eval_batch_size (the first includes its compile)."""
+  start = time.perf_counter()
+  result = fn(*args)
+  return result, round(time.perf_counter() - start, 3)
 
 
 def _evaluate(program, data, rollouts, batch_size: int, params, split: str) -> dict[str, float]:

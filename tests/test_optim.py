@@ -8,6 +8,7 @@ import pytest
 from lm import config as config_lib
 from lm import optim, plan, tpus, train
 from tests.conftest import build_program, flat, loss_and_grads, random_batch, tiny_config
+from tests.test_train import Recorder
 
 
 def _optim_config(**overrides):
@@ -160,12 +161,7 @@ def test_nonfinite_streak_of_the_real_optimizer_stops_the_run():
   """K poisoned batches in a row through the real step and logger end the run."""
   config = config_lib.resolve(tiny_config(), 64)
   program = build_program(tiny_config())
-
-  class Quiet:
-    def write(self, *_): pass
-    def set_postfix(self, *_, **__): pass
-
-  logger = train.Logger(config, program, Quiet(), Quiet(), 0)
+  logger = train.Logger(config, program, Recorder(), Recorder(), 0)
   state = program.init(jax.random.PRNGKey(0))
   batch = {**random_batch(8, 16), 'weights': np.full((8, 16), np.inf, np.float32)}
   limit = config.optim.max_nonfinite_steps

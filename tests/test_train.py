@@ -243,6 +243,9 @@ def test_smoke_main_command_leaves_its_artifacts(tmp_path, tfds_dir):
   metrics = read_metrics(workdir)
   assert [m['step'] for m in metrics if 'val_loss' in m] == [30, 60]
   assert 'test_loss' in metrics[-1] and metrics[-1]['step'] == 60
+  # each evaluation's wall-clock seconds, beside its loss
+  assert all(m['val_wall_s'] > 0 for m in metrics if 'val_loss' in m)
+  assert metrics[-1]['test_wall_s'] > 0
   logged = [m for m in metrics if 'loss' in m]
   assert {'perplexity', 'lr', 'grad_norm', 'tokens_per_s', 'tflops', 'step_ms'} <= set(logged[-1])
   assert logged[-1]['loss'] < logged[0]['loss']
@@ -252,22 +255,57 @@ def test_smoke_main_command_leaves_its_artifacts(tmp_path, tfds_dir):
   assert saved == ['30', '60']
 
 
-def test_nonfinite_streak_stops_the_run():
-  class Quiet:
-    def write(self, *_): pass
-    def set_postfix(self, *_, **__): pass
+class Recorder:
+  """The metrics writer and progress bar of a Logger under test: keeps the rows written."""
 
+  def __init__(self):
+    self.rows = []
+
+  def write(self, step, row):
+    self.rows.append({'step': step, **row})
+
+  def set_postfix(self, *_, **__):
+    pass
+
+
+def stub_logger(log_every: int = 50) -> train.Logger:
+  """A Logger of the base config and a model of 1 FLOP per token, writing to a Recorder."""
   config = train.config_lib.resolve(train.config_lib.get_base_config(), 65)
+  config.train.log_every = log_every
   model_config = type('M', (), {'flops_per_token': lambda self, seq_len: 1.0})()
   program = type('P', (), {'model_config': model_config})()
-  logger = train.Logger(config, program, Quiet(), Quiet(), 0)
+  return train.Logger(config, program, Recorder(), Recorder(), 0)
+
+
+def test_nonfinite_streak_stops_the_run():
+  logger = stub_logger()
   metrics = lambda streak: {'loss': np.nan, 'lr': 0.1, 'grad_norm': np.nan,
                             'skipped_steps': streak, 'nonfinite_streak': streak}
-  limit = config.optim.max_nonfinite_steps
+  limit = logger.config.optim.max_nonfinite_steps
   for step in range(1, limit + 1):
     logger.push(step, metrics(step))         # step n's metrics are checked at step n + 1
   with pytest.raises(train.NonFiniteError, match=f'{limit} updates in a row had non-finite'):
     logger.push(limit + 1, metrics(0))
+
+
+def test_step_time_leaves_out_what_runs_between_steps(monkeypatch):
+  """Steps of 1 s each, with a 100 s evaluation after step 10 (flushed first, as the
+  training loop does): every logged interval is 1,000 ms per step."""
+  clock = [0.0]
+  monkeypatch.setattr(train.time, 'perf_counter', lambda: clock[0])
+  logger, pause = stub_logger(log_every=10), 0.0
+  metrics = {'loss': 1.0, 'lr': 0.1, 'grad_norm': 1.0, 'skipped_steps': 0, 'nonfinite_streak': 0}
+  for step in range(1, 31):
+    clock[0] = step - 1 + pause   # pushing step n fetches step n - 1's metrics, done by now
+    logger.push(step, metrics)
+    if step == 10:
+      clock[0] = step + pause
+      logger.flush()
+      pause = 100.0
+  clock[0] = 30 + pause
+  logger.flush()
+  assert [(row['step'], row['step_ms']) for row in logger.writer.rows] == [
+      (10, 1000.0), (20, 1000.0), (30, 1000.0)]
 
 
 def test_shakespeare_char_reaches_nanogpt_validation_loss(tmp_path, tfds_dir):
