@@ -22,8 +22,8 @@ def get_config(variant: str = ''):
   # two XLA:CPU devices, one per core of a laptop-class CPU, along the data axis: 45 against
   # 70 ms per step on one (lm/cli.py split_cpu)
   c.mesh.cpu_devices = 2
-  # the whole validation split (864 sequences) in 18 batches of 48: the same loss as in 72 of
-  # 12, in 0.67 instead of 0.80 s (benchmarks/throughput.py-style pairs, README Quick start)
+  # the whole validation split (864 sequences) in 18 batches of 48: the same loss as in 72
+  # batches of 12, about 0.76 instead of 0.87 s (val_wall_s in metrics.jsonl; README)
   c.train.update(steps=2000, batch_size=12, eval_every=250, eval_batches=25,
                  eval_batch_size=48, checkpoint_every=500, log_every=50)
   c.optim.update(name='adamw', lr=1e-3, min_lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.1,
