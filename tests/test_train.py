@@ -101,7 +101,8 @@ def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
   a, b = load_params(whole, 60), load_params(killed, 60)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   final = [m for m in read_metrics(killed) if 'test_loss' in m]
-  assert len(final) == 1 and final[0] == [m for m in read_metrics(whole) if 'test_loss' in m][0]
+  expected = [m for m in read_metrics(whole) if 'test_loss' in m][0]
+  assert len(final) == 1 and final[0]['test_loss'] == expected['test_loss']
 
 
 def test_cpu_checkpoint_of_a_replicated_state_compiles_nothing(tmp_path, caplog):
