@@ -17,7 +17,8 @@ torch (the `test` extra).
 
 Keys per pair: lm_ms, torch_ms and step_ratio (lm / torch); with --whole also lm_s, torch_s,
 wall_ratio, each side's val_loss, and lm_fixed_s / torch_fixed_s: the wall-clock beyond N
-steps at the median step (lm: imports, compiles, evaluations, checkpoints, the sample); with
+steps at the median step (lm: imports, compiles, evaluations, checkpoints, the sample), and
+lm_eval_s, the part of it lm spent evaluating (metrics.jsonl's val_wall_s and test_wall_s); with
 --warm_cache lm_programs_compiled, the programs the timed run compiled instead of loading
 (0 when the cache held them all).
 """
@@ -112,6 +113,7 @@ def _pair(steps: int, cache: str | None) -> dict:
           'wall_ratio': round(lm_s / torch_s, 3),
           'lm_fixed_s': round(lm_s - steps * lm_ms / 1e3, 2),
           'torch_fixed_s': round(torch_s - steps * torch['ms_per_iter'] / 1e3, 2),
+          'lm_eval_s': run['eval_s'] and round(run['eval_s'], 2),
           'lm_val_loss': round(run['final_val_loss'], 4), 'torch_val_loss': torch['val_loss']}
 
 

@@ -50,6 +50,7 @@ def load_run(path: epath.Path) -> dict:
   last_step = max([s for s, _ in val + train] or [0])
   speeds = [m['tokens_per_s'] for m in metrics if m.get('tokens_per_s')]
   mfus = [m['mfu'] for m in metrics if m.get('mfu')]
+  evaluations = [m[k] for m in metrics for k in ('val_wall_s', 'test_wall_s') if k in m]
   point = path / 'sweep_point.json'
   return {
       'run': path.name, 'params': model.param_counts()['total'],
@@ -61,6 +62,7 @@ def load_run(path: epath.Path) -> dict:
       'tokens_per_s': statistics.median(speeds) if speeds else None,
       'mfu': statistics.median(mfus) if mfus else None,
       'wall_s': final.get('wall_s'),
+      'eval_s': sum(evaluations) if evaluations else None,   # None: logged before they were timed
       'val_curve': val, 'train_curve': train, 'tokens_per_step': tokens_per_step,
       'flops_per_token': flops_per_token,
       'point': json.loads(point.read_text()) if point.exists() else {},

@@ -46,6 +46,7 @@ def test_vs_torch_runs_both_sides_and_derives_ratios_and_fixed_costs(tmp_path, t
   assert math.isclose(pair['wall_ratio'], pair['lm_s'] / pair['torch_s'], rel_tol=0.01)
   assert abs(pair['lm_fixed_s'] - (pair['lm_s'] - 12 * pair['lm_ms'] / 1e3)) <= 0.01
   assert abs(pair['torch_fixed_s'] - (pair['torch_s'] - 12 * 5.0 / 1e3)) <= 0.01
+  assert 0 < pair['lm_eval_s'] < pair['lm_fixed_s']   # one validation and one test evaluation
   assert 0 < pair['lm_val_loss'] < math.log(65)   # trained 12 steps: below uniform guessing
   assert 'lm_val_loss' not in median and median['lm_s'] == pair['lm_s']
 
