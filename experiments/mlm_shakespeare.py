@@ -16,4 +16,7 @@ def get_config(variant: str = ''):
   c.train.objective = 'mlm'
   c.mlm.rate = 0.15
   c.sample.num_tokens = 0   # an encoder does not generate
+  # evaluation masks with a fixed key, so its pattern follows the batch shape: batches of 12,
+  # as when the README's accuracy was measured (the CPU recipe now evaluates in 48s)
+  c.train.update(eval_batch_size=12, eval_batches=4 if variant == 'smoke' else 100)
   return c
