@@ -5,7 +5,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -32,14 +31,18 @@ def global_batch(program: steps.Program, local_batch: dict[str, np.ndarray], bat
 
 
 def evaluate(program: steps.Program, params, batches, batch_size: int) -> dict[str, float]:
-  """The objective's mean loss ('loss') and metrics (e.g. 'accuracy') over the batches."""
-  sums = None
+  """The objective's mean loss ('loss') and metrics (e.g. 'accuracy') over the batches.
+
+  Each batch's sums come back to the host (float64) before the next batch is sent: with
+  several evaluation steps and their additions in flight over many CPU devices, XLA:CPU
+  (jaxlib 0.10.2) can deadlock in the steps' all-reduce and abort after 40 s."""
+  sums = {}
   for batch in batches:
     total, count, metrics = program.eval_step(params, global_batch(program, batch, batch_size))
-    out = {'loss': total, 'count': count, **metrics}
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  count = float(sums.pop('count'))
-  return {k: float(v) / count for k, v in sums.items()}
+    for name, value in jax.device_get({'loss': total, 'count': count, **metrics}).items():
+      sums[name] = sums.get(name, 0.0) + np.float64(value)
+  count = sums.pop('count')
+  return {k: float(v / count) for k, v in sums.items()}
 
 
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path | None,

@@ -278,6 +278,33 @@ def stub_logger(log_every: int = 50) -> train.Logger:
   return train.Logger(config, program, Recorder(), Recorder(), 0)
 
 
+def test_evaluation_reads_each_batch_before_sending_the_next():
+  """train.evaluate keeps one evaluation step in flight (see its docstring: XLA:CPU can
+  deadlock with several), and sums the steps' outputs on the host."""
+  unread = set()
+
+  class Output:   # an evaluation step's result, in flight until the host reads it
+    def __init__(self, value):
+      self.value = value
+      unread.add(self)
+
+    def __array__(self, dtype=None, copy=None):
+      unread.discard(self)
+      return np.asarray(self.value, dtype)
+
+  def eval_step(params, batch):
+    assert not unread, 'an earlier evaluation step is still in flight'
+    tokens = float(batch['targets'].size)
+    return Output(2.0 * tokens * params), Output(tokens), {'accuracy': Output(0.25 * tokens)}
+
+  program = type('P', (), {'eval_step': staticmethod(eval_step),
+                           'batch_sharding': jax.sharding.SingleDeviceSharding(jax.devices()[0])})
+  batches = [{'inputs': np.zeros((2, n), np.int32), 'targets': np.zeros((2, n), np.int32)}
+             for n in (3, 5, 8)]
+  assert train.evaluate(program(), 1.5, batches, 2) == {'loss': 3.0, 'accuracy': 0.25}
+  assert not unread
+
+
 def test_nonfinite_streak_stops_the_run():
   logger = stub_logger()
   metrics = lambda streak: {'loss': np.nan, 'lr': 0.1, 'grad_norm': np.nan,
