@@ -259,14 +259,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
     state, step_metrics = program.train_step(state, batch)
     logger.push(step, {**step_metrics, **host_metrics})
     evaluates = step % t.eval_every == 0 or step == t.steps
-    if evaluates or step % t.checkpoint_every == 0:
+    checkpoints = step % t.checkpoint_every == 0 or step == t.steps
+    if evaluates or checkpoints:
       logger.flush()
     if evaluates:
       val, seconds = _timed(evaluate_on, state.params, 'validation')
       writer.write(step, {**val, 'val_wall_s': seconds})
       if is_main:
         bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
-    if step % t.checkpoint_every == 0 or step == t.steps:
+    if checkpoints:
       ckpt.save(step, state, data.train, run)
     bar.update()
   logger.flush()
