@@ -1,7 +1,7 @@
 """Training throughput of an experiment: prints one JSON line.
 
     python benchmarks/throughput.py --config experiments/shakespeare_char.py [--steps 200]
-        [--config.model.remat=full ...] [--compare KEY=V1,V2,... ...]
+        [--config.model.remat=full ...] [--compare KEY=V1,V2,... ...] [--profile N]
 
 Keys: compile_s (first step, tracing + compilation), step_ms (median over windows of 10
 steps dispatched back to back),
@@ -10,6 +10,14 @@ mfu (where the device's peak is known), pipeline_stages and pipeline_bubble (the
 fraction of stage-ticks, (S - 1) / (R M + S - 1)), peak_memory_gb (device allocator peak, or
 the process's peak resident memory on CPU).
 
+`--profile N` then traces 20 more steps with `jax.profiler` and adds `profile`: where the
+step's time goes, measured. Each kernel the trace records (an XLA:CPU thunk, a GPU kernel) is
+named by the JAX operation it came from, as `lm.plan --breakdown` names TPU estimates
+(`lm.hlo`): `kernel_ms`, the kernels' time per step summed over the devices (threads run
+them side by side, so it can exceed `step_ms`), `operations`, the N largest operations in
+milliseconds per step, and `traced_step_ms`, the traced steps' wall-clock (the tracer's own
+cost included: about 1.5-2x `step_ms` on CPU).
+
 `--compare KEY=V1,V2,...` (as lm.plan's --sweep; several flags: every combination) builds
 the step of each value in this one process and times their windows in turns, so that all
 see the same moments of a noisy machine: one line per value, with its overrides under
@@ -17,8 +25,11 @@ see the same moments of a noisy machine: one line per value, with its overrides 
 the first value's window beside it. Values that change the devices (mesh.cpu_devices) cannot
 be compared in one process.
 """
+import collections
 import json
+import pathlib
 import resource
+import tempfile
 import time
 
 import jax
@@ -26,14 +37,17 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import cli, metrics, pipeline, sweeps, train
+from lm import cli, hlo, metrics, pipeline, sweeps, train
 from lm.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
 _STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps (after one compile step and 10 warm-up).')
 _COMPARE = flags.DEFINE_multi_string('compare', [], 'KEY=V1,V2,...: time the step with each '
                                      'value, in turns in this process.')
+_PROFILE = flags.DEFINE_integer('profile', 0, 'N > 0: also trace 20 steps and list the N '
+                                'operations whose kernels took the most time.')
 WINDOW = 10   # steps per timed window
+PROFILED_STEPS = 20
 
 
 def _peak_memory_gb() -> float:
@@ -68,6 +82,22 @@ class Stepper:
     jax.block_until_ready(m)
     return (time.perf_counter() - start) / steps
 
+  def profile(self, top: int) -> dict:
+    """`profile` of the module docstring: PROFILED_STEPS steps traced, their kernels' time by
+    the JAX operation each came from (the step's HLO, compiled again as the run compiled it)."""
+    text = self.program.lower_train_step(self.state, self.batches[0],
+                                         self.program.frozen).compile().as_text()
+    module = text.split(',', 1)[0].removeprefix('HloModule ')   # jit_train_step
+    with tempfile.TemporaryDirectory() as trace:
+      jax.profiler.start_trace(trace)
+      traced_s = self.window(PROFILED_STEPS)
+      jax.profiler.stop_trace()
+      kernel_ns = _kernel_ns(next(pathlib.Path(trace).rglob('*.xplane.pb')), module)
+    ms = {name: ns / 1e6 / PROFILED_STEPS for name, ns in hlo.by_operation(text, kernel_ns).items()}
+    return {'traced_step_ms': round(1e3 * traced_s, 2), 'kernel_ms': round(sum(ms.values()), 2),
+            'operations': [[name, round(ms[name], 3)]
+                           for name in sorted(ms, key=ms.get, reverse=True)[:top]]}
+
   def row(self) -> dict:
     config, program = self.config, self.program
     stages = program.mesh.shape['stage']
@@ -87,6 +117,21 @@ class Stepper:
         'peak_memory_gb': round(_peak_memory_gb(), 3)}
 
 
+def _kernel_ns(xplane: pathlib.Path, module: str) -> collections.Counter:
+  """Nanoseconds by HLO instruction of the kernels of `module` in a trace: events that carry
+  `hlo_module` and `hlo_op`, on the device planes where any has them (GPU), else on the host's
+  (XLA:CPU runs its kernels on host threads)."""
+  planes = collections.defaultdict(collections.Counter)
+  for plane in jax.profiler.ProfileData.from_file(str(xplane)).planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        if stats.get('hlo_module') == module and 'hlo_op' in stats:
+          planes[plane.name][stats['hlo_op']] += event.duration_ns
+  devices = [name for name in planes if name.startswith('/device:')]
+  return sum((planes[name] for name in devices or planes), collections.Counter())
+
+
 def main(argv) -> None:
   del argv
   try:
@@ -104,6 +149,8 @@ def main(argv) -> None:
       stepper.times.append(stepper.window(WINDOW))
   for point, stepper in zip(points, steppers):
     row = stepper.row()
+    if _PROFILE.value > 0:
+      row['profile'] = stepper.profile(_PROFILE.value)
     if len(points) > 1:
       row['point'] = point
       row['vs_first'] = round(float(np.median(np.divide(stepper.times, steppers[0].times))), 3)

@@ -23,14 +23,13 @@ import re
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import cli, config_post, sharding, steps, sweeps, tpus
+from lm import cli, config_post, hlo, sharding, steps, sweeps, tpus
 from lm import config as config_lib
 from lm.checks import ConfigError
 from lm.data import sources, tokenizers
@@ -93,9 +92,7 @@ def lower_train_step(program: steps.Program, config: ml_collections.ConfigDict):
   batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32,
                                    sharding=program.batch_sharding)
            for k in ('inputs', 'targets')}
-  with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
-    return program.jitted_train_step.__wrapped__.lower(
-        program.abstract_state, batch, program.abstract_frozen)
+  return program.lower_train_step(program.abstract_state, batch, program.abstract_frozen)
 
 
 def compile_train_step(program: steps.Program, config: ml_collections.ConfigDict,
@@ -140,23 +137,17 @@ def _flops_and_seconds(compiled) -> dict:
 
 def operation_cycles(compiled) -> collections.Counter | None:
   """libtpu's own estimate (`estimated_cycles`, written into each instruction of the entry
-  computation it schedules) by the JAX operation the instructions came from, named by their
-  metadata (else the instruction's name), with `layers_N` for a layer's index, `bwd(...)` for
-  the backward pass and no numbers at the end. None where the HLO text cannot be read back."""
+  computation it schedules) by the JAX operation the instructions came from
+  (`lm.hlo.operation_name`). None where the HLO text cannot be read back."""
   try:
-    hlo = compiled.as_text()
+    text = compiled.as_text()
   except jax.errors.JaxRuntimeError:   # a libtpu newer than jaxlib
     return None
   cycles = collections.Counter()
-  for line in hlo[hlo.index('\nENTRY'):].splitlines():
+  for line in text[text.index('\nENTRY'):].splitlines():
     estimate = re.search(r'"estimated_cycles":"(\d+)"', line)
     if estimate:
-      op = re.search(r'op_name="([^"]*)"', line)
-      name = op[1] if op else re.search(r'%([^ =]+)', line)[1]
-      name = re.sub(r'layers_\d+', 'layers_N', name.replace('jit(train_step)/', ''))
-      name = re.sub(r'transpose\(jvp\((.*?)\)\)', r'bwd(\1)', name).replace("\\'", "'")
-      name = re.sub(r'(\.(\d+|clone))+$', '', name)
-      cycles[name] += int(estimate[1])
+      cycles[hlo.operation_name(line)] += int(estimate[1])
   return cycles
 
 

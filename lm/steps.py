@@ -107,6 +107,10 @@ class Program:
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     return self.jitted_train_step(state, batch, self.frozen)
 
+  def lower_train_step(self, state, batch, frozen):
+    """The train step lowered for this program's mesh (arguments real or abstract)."""
+    return self.in_mesh(self.jitted_train_step.__wrapped__.lower)(state, batch, frozen)
+
   def eval_step(self, params, batch):
     return self.jitted_eval_step(params, self.frozen, batch)
 

@@ -1,6 +1,7 @@
 """The benchmarks' plumbing: what they run and how they derive their keys (never a timing)."""
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -69,19 +70,31 @@ def test_vs_torch_runs_both_sides_and_derives_ratios_and_fixed_costs(tmp_path, t
       'error: --warm_cache times the whole commands: add --whole']
 
 
-def test_throughput_compares_values_in_one_process(tfds_dir):
+def test_throughput_compares_values_in_one_process_and_profiles_them(tfds_dir):
   """--compare: one row per value, each of its own config (a batch of 8 or 16 sequences of 64
-  tokens per step), and the windows' ratio to the first value's."""
+  tokens per step), and the windows' ratio to the first value's; --profile: each row's traced
+  kernels, every one named by the JAX operation it came from."""
   command = [sys.executable, 'benchmarks/throughput.py', '--config',
              'experiments/shakespeare_char.py:smoke', f'--config.data.dir={tfds_dir}',
              '--steps', '20']
   run = lambda *flags: subprocess.run([*command, *flags], capture_output=True, text=True,
                                       cwd=ROOT, env=command_env())
-  first, second = _lines(run('--compare', 'train.batch_size=8,16'))
+  first, second = _lines(run('--compare', 'train.batch_size=8,16', '--profile', '1000'))
   assert [first['point'], second['point']] == [{'train.batch_size': 8}, {'train.batch_size': 16}]
   for row, batch in ((first, 8), (second, 16)):
     # tokens_per_s is the row's tokens per step over its own step time
     assert math.isclose(row['tokens_per_s'] * row['step_ms'] / 1e3, batch * 64, rel_tol=1e-3)
+    profile = row['profile']
+    names = [name for name, _ in profile['operations']]
+    # all of them (1000 > the step's kernels): their milliseconds add up to kernel_ms
+    assert math.isclose(sum(ms for _, ms in profile['operations']), profile['kernel_ms'],
+                        abs_tol=0.01 + 0.0005 * len(names))
+    # every kernel traced is an instruction of the step compiled again (an instruction not found
+    # there would keep its number), and the model's matmuls are there, forward and backward
+    assert not [name for name in names if re.search(r'\.\d+$', name)], names
+    for matmul in ('attn/q', 'attn/kv', 'attn/o', 'mlp/wi', 'mlp/wo'):
+      for direction in ('jvp', 'bwd'):
+        assert f'{direction}(Transformer)/layers_N/{matmul}/dot_general' in names, names
   assert first['vs_first'] == 1.0 and second['vs_first'] > 0
 
   for flag, message in (('optim.nonfinit=select', "error: sweep override 'optim.nonfinit' is not "
