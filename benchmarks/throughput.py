@@ -1,7 +1,8 @@
 """Training throughput of an experiment: prints one JSON line.
 
     python benchmarks/throughput.py --config experiments/shakespeare_char.py [--steps 200]
-        [--config.model.remat=full ...] [--compare KEY=V1,V2,... ...] [--profile N]
+        [--config.model.remat=full ...] [--compare KEY=V1,V2,... ...]
+        [--profile N [--profile_steps 20]]
 
 Keys: compile_s (first step, tracing + compilation), step_ms (median over windows of 10
 steps dispatched back to back),
@@ -10,9 +11,10 @@ mfu (where the device's peak is known), pipeline_stages and pipeline_bubble (the
 fraction of stage-ticks, (S - 1) / (R M + S - 1)), peak_memory_gb (device allocator peak, or
 the process's peak resident memory on CPU).
 
-`--profile N` then traces 20 more steps with `jax.profiler` and adds `profile`: where the
-step's time goes, measured. Each kernel the trace records (an XLA:CPU thunk, a GPU kernel) is
-named by the JAX operation it came from, as `lm.plan --breakdown` names TPU estimates
+`--profile N` then traces `--profile_steps` more steps with `jax.profiler` and adds
+`profile`: where the step's time goes, measured. Each kernel the trace records (an XLA:CPU
+thunk, a GPU kernel) is named by the JAX operation it came from, as `lm.plan --breakdown`
+names TPU estimates
 (`lm.hlo`): `kernel_ms`, the kernels' time per step summed over the devices (threads run
 them side by side, so it can exceed `step_ms`), `operations`, the N largest operations in
 milliseconds per step, and `traced_step_ms`, the traced steps' wall-clock (the tracer's own
@@ -44,10 +46,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
 _STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps (after one compile step and 10 warm-up).')
 _COMPARE = flags.DEFINE_multi_string('compare', [], 'KEY=V1,V2,...: time the step with each '
                                      'value, in turns in this process.')
-_PROFILE = flags.DEFINE_integer('profile', 0, 'N > 0: also trace 20 steps and list the N '
+_PROFILE = flags.DEFINE_integer('profile', 0, 'N > 0: also trace steps and list the N '
                                 'operations whose kernels took the most time.')
+_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 20, 'Steps traced for --profile.')
 WINDOW = 10   # steps per timed window
-PROFILED_STEPS = 20
 
 
 def _peak_memory_gb() -> float:
@@ -83,17 +85,18 @@ class Stepper:
     return (time.perf_counter() - start) / steps
 
   def profile(self, top: int) -> dict:
-    """`profile` of the module docstring: PROFILED_STEPS steps traced, their kernels' time by
+    """`profile` of the module docstring: --profile_steps steps traced, their kernels' time by
     the JAX operation each came from (the step's HLO, compiled again as the run compiled it)."""
     text = self.program.lower_train_step(self.state, self.batches[0],
                                          self.program.frozen).compile().as_text()
     module = text.split(',', 1)[0].removeprefix('HloModule ')   # jit_train_step
     with tempfile.TemporaryDirectory() as trace:
       jax.profiler.start_trace(trace)
-      traced_s = self.window(PROFILED_STEPS)
+      traced_s = self.window(_PROFILE_STEPS.value)
       jax.profiler.stop_trace()
       kernel_ns = _kernel_ns(next(pathlib.Path(trace).rglob('*.xplane.pb')), module)
-    ms = {name: ns / 1e6 / PROFILED_STEPS for name, ns in hlo.by_operation(text, kernel_ns).items()}
+    ms = {name: ns / 1e6 / _PROFILE_STEPS.value
+          for name, ns in hlo.by_operation(text, kernel_ns).items()}
     return {'traced_step_ms': round(1e3 * traced_s, 2), 'kernel_ms': round(sum(ms.values()), 2),
             'operations': [[name, round(ms[name], 3)]
                            for name in sorted(ms, key=ms.get, reverse=True)[:top]]}

@@ -79,7 +79,8 @@ def test_throughput_compares_values_in_one_process_and_profiles_them(tfds_dir):
              '--steps', '20']
   run = lambda *flags: subprocess.run([*command, *flags], capture_output=True, text=True,
                                       cwd=ROOT, env=command_env())
-  first, second = _lines(run('--compare', 'train.batch_size=8,16', '--profile', '1000'))
+  first, second = _lines(run('--compare', 'train.batch_size=8,16', '--profile', '1000',
+                              '--profile_steps', '2'))
   assert [first['point'], second['point']] == [{'train.batch_size': 8}, {'train.batch_size': 16}]
   for row, batch in ((first, 8), (second, 16)):
     # tokens_per_s is the row's tokens per step over its own step time
