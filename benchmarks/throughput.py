@@ -14,11 +14,10 @@ the process's peak resident memory on CPU).
 `--profile N` then traces `--profile_steps` more steps with `jax.profiler` and adds
 `profile`: where the step's time goes, measured. Each kernel the trace records (an XLA:CPU
 thunk, a GPU kernel) is named by the JAX operation it came from, as `lm.plan --breakdown`
-names TPU estimates
-(`lm.hlo`): `kernel_ms`, the kernels' time per step summed over the devices (threads run
-them side by side, so it can exceed `step_ms`), `operations`, the N largest operations in
-milliseconds per step, and `traced_step_ms`, the traced steps' wall-clock (the tracer's own
-cost included: about 1.5-2x `step_ms` on CPU).
+names TPU estimates (`lm.hlo`): `kernel_ms`, the kernels' time per step summed over the
+devices (threads run them side by side, so it can exceed `step_ms`), `operations`, the N
+largest operations in milliseconds per step, and `traced_step_ms`, the traced steps'
+wall-clock (the tracer's own cost included: about 1.5-2x `step_ms` on CPU).
 
 `--compare KEY=V1,V2,...` (as lm.plan's --sweep; several flags: every combination) builds
 the step of each value in this one process and times their windows in turns, so that all
