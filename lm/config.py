@@ -347,7 +347,6 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
   one_of('data.format', d.format, DATA_FORMATS)
   one_of('data.overlong', d.overlong, ('truncate', 'error'))
   one_of('train.objective', t.objective, OBJECTIVES)
-  config_post.validate(c)
   if c.mesh.cpu_devices < 0:
     raise ConfigError(f'config.mesh.cpu_devices={c.mesh.cpu_devices} must be 0 (one CPU device) '
                       'or the number of devices to split the CPU into')
@@ -367,6 +366,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
   if m.positions == 'rope' and (m.d_model // m.n_heads) % 2:
     raise ConfigError(f'rope needs an even head dimension, got config.model.d_model / n_heads '
                       f'= {m.d_model // m.n_heads}')
+  config_post.validate(c)   # after the model's own checks: it divides by them
   if d.seq_len > m.max_len:
     raise ConfigError(f'config.data.seq_len={d.seq_len} is longer than the model\'s '
                       f'config.model.max_len={m.max_len} positions')

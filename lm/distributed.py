@@ -21,6 +21,11 @@ def initialize(coordinator: str | None, num_processes: int | None,
     # CPU processes (local fake hosts) exchange data through gloo; GPUs and TPUs ignore this
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator, num_processes, process_id)
+    if jax.default_backend() == 'cpu':
+      # jaxlib 0.12: processes that load their step from the persistent compilation cache
+      # deadlock in its first gloo all-reduce (each waits in another one; 3 hung runs of 3
+      # once the cache held the program, none of 4 compiling it), so CPU hosts compile
+      jax.config.update('jax_enable_compilation_cache', False)
   elif _on_multihost_tpu():
     jax.distributed.initialize()
 

@@ -104,13 +104,15 @@ def compile_train_step(program: steps.Program, config: ml_collections.ConfigDict
 def _out_of_memory(error: Exception) -> dict:
   """The plan's memory fields from XLA's refusal of a program larger than HBM ('Ran out of
   memory on HBM, the total memory required for HLO temporaries (172.77G) exceeds available
-  HBM (95.74G)'; G: 2^30 bytes). Other compile errors are raised."""
+  HBM (95.74G)'; G: 2^30 bytes). Other compile errors are raised. libtpu 0.0.52 puts an error
+  code and name before the message ('E1000: CompileTimeHbmOom: Ran out of ...'): left out."""
   text = str(error)
   if 'RESOURCE_EXHAUSTED' not in text:
     raise error
   needed = re.search(r'HLO temporaries \(([\d.]+)G\)', text)
+  message = text.splitlines()[0].partition('RESOURCE_EXHAUSTED: ')[2]
   return {'temp_gb': float(needed[1]) * 2**30 / GB if needed else None, 'fits': False,
-          'error': text.splitlines()[0].partition('RESOURCE_EXHAUSTED: ')[2]}
+          'error': re.sub(r'^E\d+: \w+: ', '', message)}
 
 
 # libtpu splits a matmul whose operand is being all-gathered or reduce-scattered into a loop

@@ -244,40 +244,42 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
                                  t.async_checkpoints)
   config, data, program, state, run = resume_or_start(config, workdir, ckpt)
   t, start_step = config.train, int(state.step)
-  writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main, total_steps=t.steps)
   rollouts = rl.Rollouts(config, program, data) if t.objective in ('grpo', 'ppo') else None
-  bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
-                  dynamic_ncols=True, mininterval=1.0)
-  logger = Logger(config, program, writer, bar, start_step)
-  evaluate_on = functools.partial(_evaluate, program, data, rollouts, t.eval_batch_size)
-  val = None
-  for step in range(start_step + 1, t.steps + 1):
-    if rollouts is None:
-      batch, host_metrics = global_batch(program, next(data.train), t.batch_size), {}
-    elif (step - 1) % config.rl.updates_per_rollout == 0:   # then reused for the next updates
-      batch, host_metrics = rollouts(state, next(data.train), step)
-    state, step_metrics = program.train_step(state, batch)
-    logger.push(step, {**step_metrics, **host_metrics})
-    evaluates = step % t.eval_every == 0 or step == t.steps
-    checkpoints = step % t.checkpoint_every == 0 or step == t.steps
-    if evaluates or checkpoints:
-      logger.flush()
-    if evaluates:
-      val, seconds = _timed(evaluate_on, state.params, 'validation')
-      writer.write(step, {**val, 'val_wall_s': seconds})
-      if is_main:
-        bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
-    if checkpoints:
-      ckpt.save(step, state, data.train, run)
-    bar.update()
-  logger.flush()
-  bar.close()
-  ckpt.wait()
-  ckpt.close()
-  test, seconds = _timed(evaluate_on, state.params, 'test')
-  val = val or evaluate_on(state.params, 'validation')
-  writer.write(t.steps, {**test, 'test_wall_s': seconds})
-  writer.close()
+  writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main, total_steps=t.steps)
+  try:   # closed on any error too: tensorboardX's exit handler fails at shutdown on 3.12
+    bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
+                    dynamic_ncols=True, mininterval=1.0)
+    logger = Logger(config, program, writer, bar, start_step)
+    evaluate_on = functools.partial(_evaluate, program, data, rollouts, t.eval_batch_size)
+    val = None
+    for step in range(start_step + 1, t.steps + 1):
+      if rollouts is None:
+        batch, host_metrics = global_batch(program, next(data.train), t.batch_size), {}
+      elif (step - 1) % config.rl.updates_per_rollout == 0:   # then reused for the next updates
+        batch, host_metrics = rollouts(state, next(data.train), step)
+      state, step_metrics = program.train_step(state, batch)
+      logger.push(step, {**step_metrics, **host_metrics})
+      evaluates = step % t.eval_every == 0 or step == t.steps
+      checkpoints = step % t.checkpoint_every == 0 or step == t.steps
+      if evaluates or checkpoints:
+        logger.flush()
+      if evaluates:
+        val, seconds = _timed(evaluate_on, state.params, 'validation')
+        writer.write(step, {**val, 'val_wall_s': seconds})
+        if is_main:
+          bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
+      if checkpoints:
+        ckpt.save(step, state, data.train, run)
+      bar.update()
+    logger.flush()
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    test, seconds = _timed(evaluate_on, state.params, 'test')
+    val = val or evaluate_on(state.params, 'validation')
+    writer.write(t.steps, {**test, 'test_wall_s': seconds})
+  finally:
+    writer.close()
   text = _sample(config, program, state.params, data.tokenizer)   # every process takes part
   wall = time.perf_counter() - start_time
   final = {'steps': t.steps, **val, **test, 'wall_s': wall}

@@ -17,6 +17,8 @@ def _validate(config, devices=8):
 @pytest.mark.parametrize('overrides, devices, message', [
     ({'model.d_model': 30}, 8, r'config.model.d_model=30 is not divisible by .*n_heads=8'),
     ({'model.n_kv_heads': 3}, 8, r'config.model.n_heads=8 is not divisible by .*n_kv_heads=3'),
+    # the quantization checks divide by n_heads: the model's own checks must come first
+    ({'model.n_heads': 0}, 1, r'config.model.n_heads=0 must be positive'),
     ({'mesh.shape': (2, 2, 1, 1)}, 8, r'config.mesh.shape=\(2, 2, 1, 1\) needs 4 devices but 8'),
     ({'mesh.shape': (-1, 3, 1, 1)}, 8, r'does not divide the 8 devices'),
     ({'train.batch_size': 12}, 8, r'global batch .* not divisible by data x fsdp = 8'),

@@ -132,6 +132,27 @@ def test_gradient_accumulation_equals_one_big_batch(dropout):
     assert np.abs(grads[kernel] - plain[kernel]).max() > 0.1 * np.abs(plain[kernel]).max()
 
 
+def test_each_accumulated_microbatch_draws_its_own_dropout_key():
+  """Microbatch i (rows i, i + k, ...) drops out with fold_in(rng, i): accumulation equals the
+  mean of the microbatches run alone with those keys, and not one key shared by all (which
+  would drop the same units in every microbatch)."""
+  batch, rng = random_batch(16, 16), jax.random.PRNGKey(7)
+  def run(batch_size, accum, batch, rng):
+    config = tiny_config(dropout=0.3)
+    config.train.update(batch_size=batch_size, grad_accum_steps=accum)
+    loss, grads = loss_and_grads(build_program(config), batch, accum_steps=accum, rng=rng)
+    return float(loss), flat(grads)
+  loss, grads = run(16, 2, batch, rng)
+  alone = [run(8, 1, {k: v[i::2] for k, v in batch.items()}, jax.random.fold_in(rng, i))
+           for i in range(2)]
+  np.testing.assert_allclose(loss, np.mean([l for l, _ in alone]), rtol=1e-6)
+  for path in grads:
+    np.testing.assert_allclose(grads[path], np.mean([g[path] for _, g in alone], axis=0),
+                               rtol=1e-5, atol=1e-7, err_msg=path)
+  shared = [run(8, 1, {k: v[i::2] for k, v in batch.items()}, rng)[0] for i in range(2)]
+  assert abs(loss - np.mean(shared)) > 1e-3
+
+
 def test_nonfinite_gradients_skip_the_update_and_training_continues():
   config = tiny_config()
   config.optim.warmup_steps = 10   # a rising learning rate: the logged one must be the applied one
