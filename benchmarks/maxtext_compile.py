@@ -38,13 +38,17 @@ def watch_pallas_cost_estimates(drop: bool) -> collections.Counter:
   return seen
 
 
+def costed(seen: collections.Counter) -> str | None:
+  """Whether the kernels lowered carried a cost estimate: 'yes', 'no', 'some' (None without
+  kernels)."""
+  return (None if not seen else 'yes' if not seen['uncosted'] else
+          'no' if not seen['costed'] else 'some')
+
+
 def kernels(hlo: str, seen: collections.Counter) -> dict:
-  """How many Pallas kernels the compiled program calls, and whether the kernels lowered
-  carried a cost estimate: 'yes', 'no', 'some' (None without kernels)."""
-  costed = (None if not seen else 'yes' if not seen['uncosted'] else
-            'no' if not seen['costed'] else 'some')
+  """How many Pallas kernels the compiled program calls, and whether they carried estimates."""
   return {'pallas_kernels': hlo.count('custom_call_target="tpu_custom_call"'),
-          'kernels_costed': costed}
+          'kernels_costed': costed(seen)}
 
 
 def main(argv: list[str]) -> None:

@@ -106,10 +106,10 @@ def plan_lm(experiment: str, overrides: list[str], kernels_free: bool) -> dict:
   config = importlib.import_module(f'experiments.{pathlib.Path(experiment).stem}').get_config()
   point, = sweeps.sweep_points(overrides)
   row = plan.plan(sweeps.apply(config, point), tpus.parse('v5p-8'))
-  costed = maxtext_compile.kernels('', seen)['kernels_costed']
   return {**{k: row[k] for k in ('est_step_s', 'step_flops', 'state_gb', 'temp_gb',
                                  'pallas_kernels', 'est_mfu', 'compile_s')},
-          'kernels_costed': costed, 'kernels_free': kernels_free, 'jax': jax.__version__}
+          'kernels_costed': maxtext_compile.costed(seen), 'kernels_free': kernels_free,
+          'jax': jax.__version__}
 
 
 def compare(name: str, accounting: str, python: str) -> dict:
