@@ -2,12 +2,13 @@
 line: run by benchmarks/vs_maxtext.py with MaxText's interpreter (imports jax and maxtext,
 never lm).
 
-    python benchmarks/maxtext_compile.py [--kernels_free] KEY=VALUE ...
+    python benchmarks/maxtext_compile.py [--kernels_free] [--hlo_out=PATH] KEY=VALUE ...
 
 KEY=VALUE are MaxText's own settings (model_name=llama3-8b compile_topology=v5p-8 ...), passed
 to its `train_compile` over its base.yml. `--kernels_free` drops the cost estimate of every
 Pallas kernel before XLA sees it, so that its estimate counts each kernel as free (what a
-kernel without an estimate gets anyway).
+kernel without an estimate gets anyway). `--hlo_out=PATH` writes the compiled program's HLO
+text there (libtpu's `estimated_cycles` per instruction: set beside `lm.plan --breakdown`).
 """
 import collections
 import json
@@ -53,7 +54,8 @@ def kernels(hlo: str, seen: collections.Counter) -> dict:
 
 def main(argv: list[str]) -> None:
   free = '--kernels_free' in argv
-  argv = [a for a in argv if a != '--kernels_free']
+  hlo_out = [a.partition('=')[2] for a in argv if a.startswith('--hlo_out=')]
+  argv = [a for a in argv if a != '--kernels_free' and not a.startswith('--hlo_out=')]
   seen = watch_pallas_cost_estimates(drop=free)
   import jax
   from maxtext.trainers.pre_train import train_compile
@@ -70,6 +72,9 @@ def main(argv: list[str]) -> None:
   train_compile.main([sys.argv[0], os.path.normpath(base), *argv])
   compiled = captured['compiled']
   cost, memory = compiled.cost_analysis(), compiled.memory_analysis()
+  if hlo_out:
+    with open(hlo_out[0], 'w') as f:
+      f.write(compiled.as_text())
   live = (memory.argument_size_in_bytes + memory.output_size_in_bytes
           - memory.alias_size_in_bytes)
   temp = max(memory.temp_size_in_bytes, getattr(memory, 'peak_memory_in_bytes', 0) - live)

@@ -143,6 +143,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict(dict(
       rank=0,                 # > 0: train low-rank adapters only; the base stays frozen
       alpha=16.0,             # the update is scaled by alpha / rank
+      rslora=False,           # rank-stabilised LoRA (Kalajdzievski 2023): alpha / sqrt(rank)
       targets='attn/(q|kv|o)|mlp/(wi|wo)',   # regex searched in module paths, e.g. layers/attn/q
   ))
 

@@ -1,5 +1,8 @@
 """Joining a multi-process (multi-host) run through JAX's own runtime, `jax.distributed`."""
 import os
+import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -28,6 +31,75 @@ def initialize(coordinator: str | None, num_processes: int | None,
       jax.config.update('jax_enable_compilation_cache', False)
   elif _on_multihost_tpu():
     jax.distributed.initialize()
+
+
+# A process that stops (killed, its host lost) leaves the others waiting in a collective, or
+# ended by JAX's own heartbeat check (100 s) with an abort and no word of which process went.
+# Each process beats through the coordination service's key-value store instead, and ends,
+# naming the process, once a peer has been silent for `peer_timeout` seconds.
+BEAT_S = 2.0
+PEER_TIMEOUT_S = 30.0
+LOST_PEER_EXIT = 4   # lm.main's exit code when another process of the run was lost
+_ALIVE, _DONE = 'lm/alive/', 'done'
+
+
+def _client():
+  from jax._src import distributed as jax_distributed
+  return jax_distributed.global_state.client
+
+
+def watch_peers(timeout_s: float = PEER_TIMEOUT_S, on_lost: Callable[[str], None] | None = None
+                ) -> None:
+  """In a run of several processes, starts a daemon thread that beats every BEAT_S seconds
+  and, when another process has not beaten for `timeout_s` seconds (or the coordination
+  service, on process 0, no longer answers), calls on_lost(message): by default prints the
+  message and ends this process with exit code LOST_PEER_EXIT at once, in the middle of a
+  collective if need be (the lost process can no longer take part in any)."""
+  if jax.process_count() == 1 or timeout_s <= 0:
+    return
+  client, me, n = _client(), jax.process_index(), jax.process_count()
+  on_lost = on_lost or _end_lost
+
+  def beat() -> None:
+    seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
+    count = 0
+    while True:
+      count += 1
+      try:
+        client.key_value_set(f'{_ALIVE}{me}', str(count), allow_overwrite=True)
+        beats = dict(client.key_value_dir_get(_ALIVE))
+      except Exception as e:  # noqa: BLE001 - the service runs in process 0
+        return on_lost(f'lost process 0 of {n} (the coordination service it runs stopped '
+                       f'answering: {str(e).splitlines()[0]})')
+      now = time.monotonic()
+      for p, (value, since) in seen.items():
+        latest = beats.get(f'{_ALIVE}{p}')
+        if latest != value:
+          seen[p] = (latest, now)
+        elif latest != _DONE and now - since > timeout_s:
+          return on_lost(f'lost process {p} of {n}: no heartbeat for {now - since:.0f} s')
+      time.sleep(BEAT_S)
+  threading.Thread(target=beat, name='lm-peer-watch', daemon=True).start()
+
+
+def _end_lost(message: str) -> None:
+  print(f'error: {message}; ending this process too: relaunch every process of the run to '
+        'resume from its newest checkpoint', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(LOST_PEER_EXIT)
+
+
+def await_lost_peer(error: Exception, timeout_s: float) -> None:
+  """After a failed collective in a run of several processes, waits (up to the watch's
+  timeout) for watch_peers to find the process that was lost; returns when none is."""
+  if jax.process_count() > 1 and timeout_s > 0 and isinstance(error, jax.errors.JaxRuntimeError):
+    time.sleep(timeout_s + 2 * BEAT_S)
+
+
+def done() -> None:
+  """Tells the other processes' watches that this one ended on purpose (not lost)."""
+  if jax.process_count() > 1:
+    _client().key_value_set(f'{_ALIVE}{jax.process_index()}', _DONE, allow_overwrite=True)
 
 
 def _on_multihost_tpu() -> bool:
@@ -62,7 +134,7 @@ def main_first(fn: Callable[[], T], what: str) -> T:
     except Exception as e:  # noqa: BLE001 - passed on to the others, then raised here
       error = e
       message = f'{"config" if isinstance(e, ConfigError) else type(e).__name__}|{e}'
-  message = _broadcast_text(message)
+  message = broadcast_text(message)
   if error is not None:
     raise error
   if jax.process_index() == 0:
@@ -74,8 +146,10 @@ def main_first(fn: Callable[[], T], what: str) -> T:
   return fn()
 
 
-def _broadcast_text(text: str) -> str:
-  """Process 0's text on every process."""
+def broadcast_text(text: str) -> str:
+  """Process 0's text on every process (up to MESSAGE_BYTES of it)."""
+  if jax.process_count() == 1:
+    return text
   data = np.zeros(MESSAGE_BYTES, np.uint8)
   raw = text.encode('utf-8')[:MESSAGE_BYTES]
   data[:len(raw)] = np.frombuffer(raw, np.uint8)

@@ -1,4 +1,5 @@
 """Command line: `python -m lm.main --config experiments/X.py --workdir DIR [--config.a.b=v]`."""
+import os
 import sys
 
 from absl import app, flags, logging
@@ -14,7 +15,12 @@ _COORDINATOR = flags.DEFINE_string('coordinator', None, 'host:port of process 0,
                                    'several processes (auto-detected on Cloud TPU).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
+_PEER_TIMEOUT = flags.DEFINE_float(
+    'peer_timeout', 30.0, 'In a run of several processes: seconds without a heartbeat from '
+    'another process after which every process ends (exit code 4), naming the lost one; 0: '
+    'never (JAX then aborts after its own 100 s).')
 flags.mark_flags_as_required(['config', 'workdir'])
+STORAGE_EXIT = 3   # the workdir's storage refused a write (full, read-only, gone): see README
 
 
 def main(argv) -> None:
@@ -26,13 +32,33 @@ def main(argv) -> None:
     config = cli.load_config(_CONFIG)
     cli.split_cpu(config.mesh.cpu_devices)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.watch_peers(_PEER_TIMEOUT.value)
     train.train(config, _WORKDIR.value)
+    distributed.done()
   except (config_lib.ConfigError, train.NonFiniteError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except distributed.PeerError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except Exception as e:  # noqa: BLE001 - a refused write is one line, anything else raises
+    # a collective that failed because a peer died (gloo's connection reset): the watch
+    # names the lost process and ends this one within the timeout
+    distributed.await_lost_peer(e, _PEER_TIMEOUT.value)
+    from lm import checkpoint
+    problem = checkpoint.storage_problem(e, str(checkpoint.absolute(_WORKDIR.value)))
+    if isinstance(e, checkpoint.StorageError):
+      message = str(e)
+    elif problem:
+      message = (f'writing to {_WORKDIR.value} failed: {problem} ({type(e).__name__}: '
+                 f'{str(e).splitlines()[0]}); rerun the same command once it is writable: the '
+                 'run resumes from its newest checkpoint')
+    else:
+      raise
+    print(f'error: {message}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Orbax's writer threads may still be failing: a normal shutdown prints their tracebacks
+    os._exit(STORAGE_EXIT)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,15 @@
 """LoRA adapters (held in the 'lora' collection by `lm.model.Linear`) folded into the base
 kernels: W + a @ b * alpha / rank, a plain model with the adapted weights."""
+import math
+
 import jax.numpy as jnp
+
+
+def effective_alpha(lora) -> float:
+  """config.lora's alpha as `lm.model.Linear` takes it (the update scaled by alpha / rank):
+  with rslora, alpha * sqrt(rank), so that the scale is alpha / sqrt(rank) (rsLoRA, as PEFT's
+  use_rslora), which keeps the update's size from shrinking as the rank grows."""
+  return lora.alpha * math.sqrt(lora.rank) if lora.rslora else lora.alpha
 
 
 def merge_lora(params: dict, lora: dict, alpha: float, rank: int) -> dict:

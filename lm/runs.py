@@ -30,6 +30,7 @@ def load(run_dir: str, field: str, mesh: jax.sharding.Mesh | None = None) -> Run
   """The newest checkpoint of a run (or RUN/checkpoints/STEP), on `mesh` (default: one
   device); `field` names the flag or config key in error messages."""
   directory, step_dir = checkpoint.warm_start_dirs(run_dir, field)
+  checkpoint.verified(step_dir, field)
   if not (directory / 'config.json').exists():
     raise ConfigError(f'{field}={run_dir}: no config.json in {directory}')
   config = config_lib.saved(directory)
@@ -55,8 +56,8 @@ def merged_params(run: Run):
   any) folded in."""
   params = quant.dequantize(run.variables['params'])
   if 'lora' in run.variables:
-    params = peft.merge_lora(params, run.variables['lora'], run.config.lora.alpha,
-                             run.config.lora.rank)
+    params = peft.merge_lora(params, run.variables['lora'],
+                             peft.effective_alpha(run.config.lora), run.config.lora.rank)
   return params
 
 
@@ -73,6 +74,8 @@ def write(target: epath.Path, config: ml_collections.ConfigDict, params, tokeniz
   tokenizer.save(target / 'tokenizer.json')
   step_dir = target / 'checkpoints' / str(step)
   ocp.PyTreeCheckpointer().save(step_dir / 'state', {'params': params})
+  if jax.process_index() == 0:
+    checkpoint.write_checksums(step_dir)
   return step_dir
 
 
@@ -85,6 +88,7 @@ def load_frozen(directory: epath.Path, program: steps.Program, only=None) -> dic
   path = directory / FROZEN_DIR
   if not path.exists():
     raise ConfigError(f'{directory} has no {FROZEN_DIR}/ (the frozen base or reference)')
+  checkpoint.verified(path, str(directory))
   return quant.from_stored(_restore(path, quant.stored_target(target)), target)
 
 
@@ -92,6 +96,8 @@ def save_frozen(directory: epath.Path, frozen: dict) -> None:
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / FROZEN_DIR, quant.to_stored(frozen))   # a QLoRA base quantized
   checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    checkpoint.write_checksums(directory / FROZEN_DIR)
 
 
 def _restore(path: epath.Path, target):

@@ -19,7 +19,7 @@ from jax.experimental.layout import Format, Layout
 
 from lm import config as config_lib
 from lm import model as model_lib
-from lm import objectives, optim, prune, quant, sharding
+from lm import objectives, optim, peft, prune, quant, sharding
 from lm.config import ConfigError
 
 
@@ -129,7 +129,7 @@ def model_config_for(config: ml_collections.ConfigDict, stages: int) -> model_li
   return dataclasses.replace(
       model_lib.ModelConfig.from_config(config.model), pipeline_stages=stages,
       scalar_head=config.train.objective in ('reward', 'ppo'), lora_rank=config.lora.rank,
-      lora_alpha=config.lora.alpha, lora_targets=config.lora.targets,
+      lora_alpha=peft.effective_alpha(config.lora), lora_targets=config.lora.targets,
       quant_scheme=config.quant.scheme, quant_group_size=config.quant.group_size,
       quant_targets=config.quant.targets)
 

@@ -1,4 +1,5 @@
 """The training loop: data, init or resume, train / eval / checkpoint, final test and sample."""
+import contextlib
 import functools
 import json
 import math
@@ -166,7 +167,9 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
     counts = program.model_config.param_counts()
     if start_step and schedule_note:
       print(schedule_note)
-    start = (f'resuming at step {start_step}' if start_step else
+    set_aside = ''.join(f' (checkpoint {step} set aside as {name}: {why})'
+                        for step, name, why in ckpt.set_aside)
+    start = (f'resuming at step {start_step}{set_aside}' if start_step else
              f'starting from the parameters of {warm[1]}' if warm else 'starting')
     print(f'{start}: {counts["total"]:,} parameters ({counts["non_embedding"]:,} '
           f'non-embedding), vocabulary {config.model.vocab_size}, mesh {dict(program.mesh.shape)}, '
@@ -246,9 +249,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
   t, start_step = config.train, int(state.step)
   rollouts = rl.Rollouts(config, program, data) if t.objective in ('grpo', 'ppo') else None
   writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main, total_steps=t.steps)
+  bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
+                  dynamic_ncols=True, mininterval=1.0)
   try:   # closed on any error too: tensorboardX's exit handler fails at shutdown on 3.12
-    bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
-                    dynamic_ncols=True, mininterval=1.0)
     logger = Logger(config, program, writer, bar, start_step)
     evaluate_on = functools.partial(_evaluate, program, data, rollouts, t.eval_batch_size)
     val = None
@@ -278,8 +281,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
     test, seconds = _timed(evaluate_on, state.params, 'test')
     val = val or evaluate_on(state.params, 'validation')
     writer.write(t.steps, {**test, 'test_wall_s': seconds})
-  finally:
-    writer.close()
+  except BaseException:
+    bar.close()   # the error's line below the bar, not on it
+    with contextlib.suppress(Exception):   # a full disk fails the close too: report the first
+      writer.close()
+    raise
+  writer.close()
   text = _sample(config, program, state.params, data.tokenizer)   # every process takes part
   wall = time.perf_counter() - start_time
   final = {'steps': t.steps, **val, **test, 'wall_s': wall}
