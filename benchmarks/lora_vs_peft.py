@@ -25,6 +25,7 @@ import importlib.util
 import json
 import pathlib
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,9 @@ TWINS = {'llama': {'attn/q': 'self_attn.q_proj', 'attn/o': 'self_attn.o_proj',
                    'mlp/wo': 'mlp.down_proj'},
          'gpt2': {'attn/o': 'attn.c_proj', 'mlp/wi': 'mlp.c_fc', 'mlp/wo': 'mlp.c_proj'}}
 TWIN_TARGETS = {family: '|'.join(twins) for family, twins in TWINS.items()}
+# lm's parameters trained in full (lora.train_also) -> the modules PEFT saves
+SAVED = {'llama': {'embed': 'embed_tokens', 'head': 'lm_head'},
+         'gpt2': {'embed': 'wte', 'head': 'lm_head'}}
 WORDS_MODEL = ('--config.model.n_layers=2', '--config.model.d_model=128',
                '--config.model.n_heads=4', '--config.model.n_kv_heads=2',
                '--config.model.d_ff=256', '--config.model.positions=rope',
@@ -138,17 +142,19 @@ def exact_match(logits: np.ndarray, rows: dict) -> np.ndarray:
 
 def compare(base: str, config_flags: list[str], workdir: pathlib.Path, steps: int, rank: int,
             alpha: float, lr: float, targets: str | None = None, peft_options: dict | None = None,
-            rslora: bool = False) -> dict:
+            rslora: bool = False, train_also: str = '') -> dict:
   """Trains lm's LoRA and PEFT's side by side from `base`; both curves and held-out losses.
   With `peft_options` (PEFT's own init, e.g. all linear modules, rsLoRA, modules_to_save)
   the two start apart and only their ends compare. `rslora`: rank-stabilised scaling on both
-  sides (lm's lora.rslora, PEFT's use_rslora)."""
+  sides (lm's lora.rslora, PEFT's use_rslora); `train_also`: lm's lora.train_also ('embed',
+  'head' or both), PEFT's modules_to_save (the embedding, the output head)."""
   import jax
   import peft
   import torch
   import transformers
 
   from lm import checkpoint, hf, objectives, optim, sweeps, train
+  from lm import peft as peft_lib
   from lm import config as config_lib
   from lm.hf_layout import family_of
 
@@ -164,11 +170,13 @@ def compare(base: str, config_flags: list[str], workdir: pathlib.Path, steps: in
   family = family_of(config_lib.saved(pathlib.Path(base)).model)
   config.train.update(init_from=base, steps=steps, checkpoint_every=10**9, eval_every=10**9)
   config.lora.update(rank=rank, alpha=alpha, targets=targets or TWIN_TARGETS[family])
-  config.lora.rslora = rslora
+  config.lora.update(rslora=rslora, train_also=train_also)
   config.optim.update(lr=lr, name='adam', weight_decay=0.0)
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=1, async_save=False)
   config, data, program, state, _ = train.resume_or_start(config, workdir, ckpt)
   initial = jax.device_get(state.params)
+  if train_also:
+    initial = initial[peft_lib.ADAPTERS]
   batches = [jax.device_get(next(data.train)) for _ in range(steps)]
   held_out = [jax.device_get(b) for b in data.eval['validation']]
 
@@ -194,6 +202,9 @@ def compare(base: str, config_flags: list[str], workdir: pathlib.Path, steps: in
     options = dict(target_modules=sorted({name.split('.')[-1] for name in twins.values()}))
   else:
     options = {'target_modules': 'all-linear', **peft_options}
+  if train_also:
+    options['modules_to_save'] = [SAVED[family][name] for name in ('embed', 'head')
+                                  if re.search(train_also, f'{name}/')]
   model = peft.get_peft_model(model, peft.LoraConfig(
       r=rank, lora_alpha=alpha, lora_dropout=0.0, bias='none', fan_in_fan_out=family == 'gpt2',
       use_rslora=rslora, **options))
@@ -243,9 +254,10 @@ def compare(base: str, config_flags: list[str], workdir: pathlib.Path, steps: in
   lm_curve, peft_curve = np.array(lm_losses), np.array(peft_losses)
   relative = np.abs(lm_curve - peft_curve) / np.abs(peft_curve)
   return {'family': family, 'targets': config.lora.targets, 'rslora': rslora,
+          'train_also': train_also,
           'peft': options if peft_options is not None else sorted(twins.values()),
           'rank': rank, 'alpha': alpha, 'lr': lr, 'steps': steps,
-          'lm_trainable': sum(np.size(x) for x in jax.tree.leaves(initial)),
+          'lm_trainable': sum(np.size(x) for x in jax.tree.leaves(state.params)),
           'peft_trainable': sum(p.numel() for p in trained),
           'max_rel_diff': float(relative.max()),
           'max_rel_diff_first_10': float(relative[:10].max()),
@@ -285,6 +297,8 @@ def main() -> None:
                       '(default: its own default, every projection)')
   parser.add_argument('--rslora', action='store_true',
                       help="rank-stabilised scaling on both sides (lora.rslora, use_rslora)")
+  parser.add_argument('--train_also', default='', help="lm's lora.train_also (e.g. 'head', "
+                      "'embed|head'), PEFT's modules_to_save")
   parser.add_argument('--curves', action='store_true', help='print the whole curves too')
   args = parser.parse_args()
   out = (ROOT / args.out).resolve()
@@ -295,10 +309,10 @@ def main() -> None:
     if task not in tasks:
       continue
     name = (f'{task}_r{args.rank}_a{args.alpha:g}_lr{args.lr:g}_{args.steps}'
-            f'_{zlib.crc32(repr((targets, args.peft, args.rslora)).encode()):08x}')
+            f'_{zlib.crc32(repr((targets, args.peft, args.rslora, args.train_also)).encode()):08x}')
     shutil.rmtree(out / 'lora' / name, ignore_errors=True)   # always from the start
     result = compare(base, flags, out / 'lora' / name, args.steps, args.rank, args.alpha,
-                     args.lr, targets, peft_options, args.rslora)
+                     args.lr, targets, peft_options, args.rslora, args.train_also)
     if not args.curves:
       result = {k: v for k, v in result.items() if not k.endswith('_curve')}
     print(json.dumps({'task': task, **result}), flush=True)

@@ -49,7 +49,8 @@ SIGNATURE_FIELDS = (
 # Fields added later (post-training, compression), recorded when they differ from these
 # defaults (so that checkpoints written before they existed still resume).
 LATER_FIELDS = {'train.objective': 'lm', 'data.format': 'text', 'lora.rank': 0,
-                'lora.targets': None, 'lora.rslora': False, 'data.overlong': 'truncate',
+                'lora.targets': None, 'lora.rslora': False, 'lora.train_also': '',
+                'data.overlong': 'truncate',
                 'model.attention_window': None, 'quant.scheme': 'none', 'quant.group_size': 0,
                 'model.lowrank_rank': 0, 'model.attention_global_every': 0}
 

@@ -144,6 +144,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       rank=0,                 # > 0: train low-rank adapters only; the base stays frozen
       alpha=16.0,             # the update is scaled by alpha / rank
       rslora=False,           # rank-stabilised LoRA (Kalajdzievski 2023): alpha / sqrt(rank)
+      # parameters trained in full beside the adapters (PEFT's modules_to_save), a regex
+      # searched in parameter paths, e.g. 'embed|head': where the adapters alone cannot reach
+      train_also='',
       targets='attn/(q|kv|o)|mlp/(wi|wo)',   # regex searched in module paths, e.g. layers/attn/q
   ))
 

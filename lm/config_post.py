@@ -37,6 +37,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if lora.rank < 0 or (lora.rank and lora.alpha <= 0):
     raise ConfigError(f'config.lora.rank={lora.rank} must be >= 0 and config.lora.alpha='
                       f'{lora.alpha} > 0')
+  if lora.train_also and (not lora.rank or c.quant.scheme != 'none'):
+    raise ConfigError(f'config.lora.train_also={lora.train_also!r} trains parameters beside '
+                      'LoRA adapters: it needs config.lora.rank > 0 and no config.quant.scheme '
+                      '(the frozen base would hold them quantized)')
   _validate_quant(c)
   _validate_prune(c)
   if lora.rank and t.objective in ('reward', 'ppo'):

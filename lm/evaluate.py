@@ -35,7 +35,7 @@ def evaluate(workdir: str, splits=('validation', 'test'), source: str | None = N
   if config.train.objective != 'mlm':   # a masked-LM run keeps its objective
     config.train.objective = {'text': 'lm', 'sft': 'sft'}[config.data.format]
   config.train.init_from = ''
-  config.lora.rank = 0
+  config.lora.update(rank=0, train_also='')   # merged: a plain model
   config.model.pipeline_repeats = 1   # runs.load put the layers in logical order
   devices = jax.device_count()
   config.mesh.shape = (-1, 1, 1, 1)   # every device, data parallel

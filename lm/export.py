@@ -20,7 +20,7 @@ def export(workdir: str, out: str, merge_lora: bool) -> epath.Path:
                       'them into the base kernels')
   params = runs.merged_params(run)
   config = run.config
-  config.lora.rank = 0
+  config.lora.update(rank=0, train_also='')   # merged: a plain model
   config.quant.scheme = 'none'   # merged_params dequantizes (a QLoRA base, a quantized run)
   config.train.init_from = ''
   # the layers are now in logical order on one device: no circular-pipeline layout

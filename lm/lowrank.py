@@ -73,7 +73,8 @@ def compress(workdir: str, out: str, rank: int | None, energy: float | None,
     raise ConfigError(f'--rank={rank} must be in 1 .. {smallest} (the smallest targeted '
                       'kernel dimension)')
   config = run.config
-  config.lora.rank, config.train.init_from, config.model.pipeline_repeats = 0, '', 1
+  config.lora.update(rank=0, train_also='')   # merged: a plain model
+  config.train.init_from, config.model.pipeline_repeats = '', 1
   config.model.update(lowrank_rank=rank, lowrank_targets=targets)
   config.quant.scheme = 'none'
   flat = traverse_util.flatten_dict(params)

@@ -17,15 +17,19 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from lm import losses
+from lm import losses, peft
 from lm import model as model_lib
 
 Objective = Callable[..., tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
 def policy_variables(params, frozen: dict) -> dict:
-  """Flax variables of the trained model."""
+  """Flax variables of the trained model: under LoRA the frozen base with the adapters (and
+  the parameters trained beside them, `peft.FULL`, in their places)."""
   if 'base' in frozen:
+    if peft.FULL in params:
+      return {'params': peft.overlaid(frozen['base'], params[peft.FULL]),
+              'lora': params[peft.ADAPTERS]}
     return {'params': frozen['base'], 'lora': params}
   return {'params': params}
 

@@ -1,6 +1,7 @@
 """LoRA adapters (held in the 'lora' collection by `lm.model.Linear`) folded into the base
 kernels: W + a @ b * alpha / rank, a plain model with the adapted weights."""
 import math
+import re
 
 import jax.numpy as jnp
 
@@ -35,3 +36,30 @@ def _merged_kernel(kernel, a, b, scale: float):
   delta = jnp.matmul(a_IxR.astype(jnp.float32), b_RxO.astype(jnp.float32)) * scale
   return (kernel.astype(jnp.float32) + delta.reshape(*kernel.shape[:lead], *in_shape,
                                                      *out_shape)).astype(kernel.dtype)
+
+
+# Under LoRA with config.lora.train_also, the trained parameters are {ADAPTERS: the 'lora'
+# collection, FULL: the parameters trained in full}; a plain LoRA run trains the collection
+# itself (whose top level holds module names, never these keys).
+ADAPTERS, FULL = 'adapters', 'full'
+
+
+def selected(params: dict, pattern: str, prefix: str = '') -> dict:
+  """The sub-tree of the parameters whose path ('embed/embedding', 'head', ...) `pattern`
+  is found in."""
+  out = {}
+  for key, value in params.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, dict):
+      picked = selected(value, pattern, f'{path}/')
+      if picked:
+        out[key] = picked
+    elif re.search(pattern, path):
+      out[key] = value
+  return out
+
+
+def overlaid(base: dict, top: dict) -> dict:
+  """`base` with the leaves of `top` (a sub-tree of it) in their places."""
+  return {k: (overlaid(v, top[k]) if isinstance(v, dict) else top[k]) if k in top else v
+          for k, v in base.items()}

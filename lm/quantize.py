@@ -26,7 +26,8 @@ def quantize_run(workdir: str, scheme: str, group_size: int | None, out: str) ->
     raise ConfigError(f'--workdir={workdir} is already quantized ({run.config.quant.scheme})')
   params = jax.device_get(runs.merged_params(run))
   config = run.config
-  config.lora.rank, config.train.init_from, config.model.pipeline_repeats = 0, '', 1
+  config.lora.update(rank=0, train_also='')   # merged: a plain model
+  config.train.init_from, config.model.pipeline_repeats = '', 1
   config.mesh.shape = (-1, 1, 1, 1)
   config.quant.update(scheme=scheme, group_size=group_size or 0)
   config = config_lib.resolve(config, None)

@@ -151,11 +151,16 @@ def teacher_model(config: ml_collections.ConfigDict) -> model_lib.Transformer | 
 
 
 def _split(config, variables: dict) -> tuple[Any, dict]:
-  """(trained parameters, frozen dict) of freshly initialised variables."""
+  """(trained parameters, frozen dict) of freshly initialised variables: under LoRA the
+  adapters (and the parameters config.lora.train_also picks, which the frozen base keeps
+  too: `objectives.policy_variables` lays the trained ones over it)."""
   lora = config.lora.rank > 0
   frozen = {'base': variables['params']} if lora else {}
   if config.train.objective in ('dpo', 'grpo', 'ppo') and not lora:
     frozen['reference'] = {k: v for k, v in variables['params'].items() if k != 'score_head'}
+  if lora and config.lora.train_also:
+    return {peft.ADAPTERS: variables['lora'],
+            peft.FULL: peft.selected(variables['params'], config.lora.train_also)}, frozen
   return (variables['lora'] if lora else variables['params']), frozen
 
 
@@ -195,6 +200,12 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                       if path[-1].key == 'kernel'})
     raise ConfigError(f'config.lora.targets={config.lora.targets!r} matches no module; '
                       f'the Linear modules are: {", ".join(kernels)}')
+  if config.lora.train_also and not peft.selected(nn.unbox(boxed['params']),
+                                                   config.lora.train_also):
+    paths = sorted('/'.join(str(k.key) for k in path) for path, _ in
+                   jax.tree_util.tree_flatten_with_path(nn.unbox(boxed['params']))[0])
+    raise ConfigError(f'config.lora.train_also={config.lora.train_also!r} matches no parameter; '
+                      f'they are: {", ".join(paths)}')
   boxed_params, boxed_frozen = _split(config, boxed)
   if teacher is not None:   # frozen, of its own size, sharded by the same rules
     boxed_frozen['teacher'] = sharding.with_mesh(jax.eval_shape, mesh, rules)(

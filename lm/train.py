@@ -6,12 +6,13 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 from etils import epath
 
-from lm import checkpoint, prune, quant, runs, sample, sharding, steps
+from lm import checkpoint, peft, prune, quant, runs, sample, sharding, steps
 from lm import config as config_lib
 from lm import metrics as metrics_lib
 from lm.config import ConfigError
@@ -156,6 +157,9 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
       heads = {k: v for k, v in state.params.items() if k == 'score_head'}
       state = state.replace(params=checkpoint.load_params(
           warm[1], program.abstract_state.params, run, 'config.train.init_from', fresh=heads))
+    if config.lora.train_also:   # trained beside the adapters, from the base's values
+      state = state.replace(params={**state.params, peft.FULL: jax.tree.map(
+          jnp.copy, peft.selected(program.frozen['base'], config.lora.train_also))})
     if config.prune.method != 'none':   # the run starts pruned (one-shot, or step 0's share)
       state = state.replace(params=program.in_mesh(jax.jit(
           lambda p: prune.prune(p, config.prune, t.steps)[0],
