@@ -154,8 +154,8 @@ def compare(base: str, config_flags: list[str], workdir: pathlib.Path, steps: in
   import transformers
 
   from lm import checkpoint, hf, objectives, optim, sweeps, train
-  from lm import peft as peft_lib
   from lm import config as config_lib
+  from lm import peft as peft_lib
   from lm.hf_layout import family_of
 
   experiment, *overrides = config_flags
