@@ -32,8 +32,7 @@ def main(argv) -> None:
     config = cli.load_config(_CONFIG)
     cli.split_cpu(config.mesh.cpu_devices)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    distributed.watch_peers(_PEER_TIMEOUT.value)
-    train.train(config, _WORKDIR.value)
+    train.train(config, _WORKDIR.value, _PEER_TIMEOUT.value)
     distributed.done()
   except (config_lib.ConfigError, train.NonFiniteError) as e:
     print(f'error: {e}', file=sys.stderr)

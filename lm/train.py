@@ -12,7 +12,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from lm import checkpoint, peft, prune, quant, runs, sample, sharding, steps
+from lm import checkpoint, distributed, peft, prune, quant, runs, sample, sharding, steps
 from lm import config as config_lib
 from lm import metrics as metrics_lib
 from lm.config import ConfigError
@@ -236,8 +236,11 @@ def _trainable_summary(program: steps.Program, state) -> str:
   return out
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[str, float]:
-  """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
+          peer_timeout: float = distributed.PEER_TIMEOUT_S) -> dict[str, float]:
+  """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics.
+  In a run of several processes, each ends once another has been silent for `peer_timeout`
+  seconds (`distributed.watch_peers`; 0: never)."""
   start_time = time.perf_counter()
   workdir = checkpoint.absolute(workdir)
   is_main = jax.process_index() == 0
@@ -250,6 +253,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict[
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', t.keep_checkpoints,
                                  t.async_checkpoints)
   config, data, program, state, run = resume_or_start(config, workdir, ckpt)
+  # watched from here: preparing the data (a tokenizer trained in C++ may hold the GIL for
+  # minutes) could silence a process's beats without it being lost
+  distributed.watch_peers(peer_timeout)
   t, start_step = config.train, int(state.step)
   rollouts = rl.Rollouts(config, program, data) if t.objective in ('grpo', 'ppo') else None
   writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main, total_steps=t.steps)
