@@ -1,4 +1,5 @@
 """Joining a multi-process (multi-host) run through JAX's own runtime, `jax.distributed`."""
+import atexit
 import os
 import sys
 import threading
@@ -41,6 +42,7 @@ BEAT_S = 2.0
 PEER_TIMEOUT_S = 30.0
 LOST_PEER_EXIT = 4   # lm.main's exit code when another process of the run was lost
 _ALIVE, _DONE = 'lm/alive/', 'done'
+_STOPPING = threading.Event()
 
 
 def _client():
@@ -59,16 +61,22 @@ def watch_peers(timeout_s: float = PEER_TIMEOUT_S, on_lost: Callable[[str], None
     return
   client, me, n = _client(), jax.process_index(), jax.process_count()
   on_lost = on_lost or _end_lost
+  # this process's own exit (JAX's shutdown at exit cancels the watch's calls) is no loss:
+  # atexit runs the last registered first, so this is set before JAX shuts its client down
+  _STOPPING.clear()
+  atexit.register(_STOPPING.set)
 
   def beat() -> None:
     seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
     count = 0
-    while True:
+    while not _STOPPING.is_set():
       count += 1
       try:
         client.key_value_set(f'{_ALIVE}{me}', str(count), allow_overwrite=True)
         beats = dict(client.key_value_dir_get(_ALIVE))
       except Exception as e:  # noqa: BLE001 - the service runs in process 0
+        if _STOPPING.is_set() or seen.get(0, (None,))[0] == _DONE:
+          return   # this process is ending, or process 0 ended its run and shut the service
         return on_lost(f'lost process 0 of {n} (the coordination service it runs stopped '
                        f'answering: {str(e).splitlines()[0]})')
       now = time.monotonic()
@@ -97,8 +105,10 @@ def await_lost_peer(error: Exception, timeout_s: float) -> None:
 
 
 def done() -> None:
-  """Tells the other processes' watches that this one ended on purpose (not lost)."""
+  """Tells the other processes' watches that this one ended on purpose (not lost), and
+  stops its own."""
   if jax.process_count() > 1:
+    _STOPPING.set()
     _client().key_value_set(f'{_ALIVE}{jax.process_index()}', _DONE, allow_overwrite=True)
 
 
