@@ -1,5 +1,5 @@
 """What checkpoint checksums cost: save and restore of a train state the size of GPT-2 124M's
-(parameters and Adam's two moments in float32, 1.5 GB) through lm.checkpoint.Checkpointer,
+(parameters and Adam's two moments in float32, 1.5 GB) through lm.training.checkpoint.Checkpointer,
 with checksums and without, in turn.
 
     python benchmarks/checkpoint_cost.py [--rounds 3] [--dir /tmp]
@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 from orbax.checkpoint._src.path import atomicity_defaults
 
-from lm import checkpoint
+from lm.training import checkpoint
 
 D, V, T, LAYERS = 768, 50257, 1024, 12   # GPT-2 124M
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 
-from lm import hf
+from lm.interop import hf
 
 FIXTURE = pathlib.Path(__file__).parent.parent / 'tests' / 'fixtures' / 'hf_tiny_llama'
 

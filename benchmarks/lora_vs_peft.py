@@ -122,7 +122,7 @@ def bases(out: pathlib.Path, tasks: list[str]) -> dict[str, tuple[str, list[str]
   if 'reverse' in tasks:
     data, runs = out / 'reverse_data', out / 'reverse_runs'
     if not (data / 'sft.jsonl').exists():
-      subprocess.run([sys.executable, '-m', 'lm.post.tasks', 'make', '--out', str(data)],
+      subprocess.run([sys.executable, '-m', 'lm.tasks.reverse', 'make', '--out', str(data)],
                      check=True, cwd=ROOT)
     config = f'experiments/reverse.py:pretrain,data={data},runs={runs}'
     lm_main(runs / 'pretrain', config)
@@ -153,10 +153,14 @@ def compare(base: str, config_flags: list[str], workdir: pathlib.Path, steps: in
   import torch
   import transformers
 
-  from lm import checkpoint, hf, objectives, optim, sweeps, train
   from lm import config as config_lib
-  from lm import peft as peft_lib
-  from lm.hf_layout import family_of
+  from lm import objectives
+  from lm.config import sweeps
+  from lm.interop import hf
+  from lm.interop.hf_layout import family_of
+  from lm.model import lora as peft_lib
+  from lm.training import checkpoint, optim
+  from lm.training import loop as train
 
   experiment, *overrides = config_flags
   path, _, variant = experiment.partition(':')
@@ -187,7 +191,7 @@ def compare(base: str, config_flags: list[str], workdir: pathlib.Path, steps: in
     lm_losses.append(float(metrics['loss']))
   lm_held_out = train.evaluate(program, state.params, held_out, config.train.eval_batch_size)
   apply = jax.jit(lambda params, inputs: program.model.apply(
-      objectives.policy_variables(params, program.frozen), inputs))
+      objectives.base.policy_variables(params, program.frozen), inputs))
   lm_exact = np.concatenate([exact_match(np.asarray(apply(state.params, rows['inputs'])), rows)
                              for rows in held_out]).mean()
 

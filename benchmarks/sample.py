@@ -23,8 +23,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lm import config as config_lib
-from lm import model as model_lib
-from lm import sample
+from lm.inference import sampler as sample
+from lm.model import transformer as model_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 256, 'Prompt tokens.')

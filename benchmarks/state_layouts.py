@@ -15,8 +15,10 @@ import jax
 from absl import app
 from jax.experimental.layout import Layout
 
-from lm import cli, plan, tpus
-from lm.checks import ConfigError
+from lm import cli
+from lm.config.checks import ConfigError
+from lm.parallel import tpus
+from lm.planning import plan
 
 
 def main(argv) -> None:

@@ -14,7 +14,7 @@ the process's peak resident memory on CPU).
 `--profile N` then traces `--profile_steps` more steps with `jax.profiler` and adds
 `profile`: where the step's time goes, measured. Each kernel the trace records (an XLA:CPU
 thunk, a GPU kernel) is named by the JAX operation it came from, as `lm.plan --breakdown`
-names TPU estimates (`lm.hlo`): `kernel_ms`, the kernels' time per step summed over the
+names TPU estimates (`lm.planning.hlo`): `kernel_ms`, the kernels' time per step summed over the
 devices (threads run them side by side, so it can exceed `step_ms`), `operations`, the N
 largest operations in milliseconds per step, and `traced_step_ms`, the traced steps'
 wall-clock (the tracer's own cost included: about 1.5-2x `step_ms` on CPU).
@@ -38,8 +38,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import cli, hlo, metrics, pipeline, sweeps, train
-from lm.config import ConfigError
+from lm import cli
+from lm.config import ConfigError, sweeps
+from lm.model import pipeline
+from lm.planning import hlo
+from lm.training import loop as train
+from lm.training import metrics
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
 _STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps (after one compile step and 10 warm-up).')

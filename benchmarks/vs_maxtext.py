@@ -102,7 +102,9 @@ def plan_lm(experiment: str, overrides: list[str], kernels_free: bool) -> dict:
   seen = maxtext_compile.watch_pallas_cost_estimates(drop=kernels_free)
   import jax
   jax.config.update('jax_platforms', 'cpu')
-  from lm import plan, sweeps, tpus
+  from lm.config import sweeps
+  from lm.parallel import tpus
+  from lm.planning import plan
   config = importlib.import_module(f'experiments.{pathlib.Path(experiment).stem}').get_config()
   point, = sweeps.sweep_points(overrides)
   row = plan.plan(sweeps.apply(config, point), tpus.parse('v5p-8'))

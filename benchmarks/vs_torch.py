@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from lm import compare
+from lm.analysis import compare
 from lm.data import sources
 
 ROOT = epath.Path(__file__).parent.parent

@@ -1,7 +1,7 @@
-"""Fine-tune an imported Hugging Face model on the post-training task (`lm/post/tasks.py`).
+"""Fine-tune an imported Hugging Face model on the post-training task (`lm/tasks/reverse.py`).
 
     python -m lm.hf import --from tests/fixtures/hf_tiny_llama --workdir runs/hf/base
-    python -m lm.post.tasks make --out data/reverse
+    python -m lm.tasks.reverse make --out data/reverse
     python -m lm.main --config experiments/hf.py:lora_sft --workdir runs/hf/lora_sft
     python -m lm.hf export --workdir runs/hf/lora_sft --out exports/hf_lora_sft
 

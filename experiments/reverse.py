@@ -1,6 +1,6 @@
-"""Post-training chain on a task checked exactly: reverse 4 digits (`lm/post/tasks.py`).
+"""Post-training chain on a task checked exactly: reverse 4 digits (`lm/tasks/reverse.py`).
 
-    python -m lm.post.tasks make --out data/reverse
+    python -m lm.tasks.reverse make --out data/reverse
     python -m lm.main --config experiments/reverse.py:pretrain --workdir runs/reverse/pretrain
     python -m lm.main --config experiments/reverse.py:sft      --workdir runs/reverse/sft
     python -m lm.main --config experiments/reverse.py:lora_sft --workdir runs/reverse/lora_sft
@@ -9,7 +9,7 @@
     python -m lm.main --config experiments/reverse.py:dpo      --workdir runs/reverse/dpo
     python -m lm.main --config experiments/reverse.py:grpo     --workdir runs/reverse/grpo
     python -m lm.main --config experiments/reverse.py:ppo      --workdir runs/reverse/ppo
-    python -m lm.post.tasks eval --data data/reverse --workdir runs/reverse/*
+    python -m lm.tasks.reverse eval --data data/reverse --workdir runs/reverse/*
 
 The base is pretrained on the prompt format with random answers (it knows the format, not
 the task); SFT learns the task from prompt / response pairs (loss on the response only) of
@@ -23,7 +23,10 @@ on 2 CPU cores (tests/test_post_chain.py runs them all). `data=DIR` and `runs=DI
 """
 from lm import config as config_lib
 
-STAGE_STEPS = {'pretrain': 600, 'sft': 400, 'lora_sft': 400, 'qlora_sft': 400, 'reward': 600,
+# reward: 1200 steps. After 600 (held-out accuracy 0.949 on an AVX-512 Xeon) PPO found the
+# reward model's blind spot (a wrong last digit) and greedy exact match fell from 0.998 to
+# 0.914; after 1200 (0.969) it stays at 1.000
+STAGE_STEPS = {'pretrain': 600, 'sft': 400, 'lora_sft': 400, 'qlora_sft': 400, 'reward': 1200,
                'dpo': 60, 'grpo': 40, 'ppo': 40}
 INIT_FROM = {'sft': 'pretrain', 'lora_sft': 'pretrain', 'qlora_sft': 'pretrain', 'reward': 'sft',
              'dpo': 'sft',
@@ -59,12 +62,13 @@ def get_config(variant: str = 'sft'):
     c.train.batch_size = 64
     c.optim.update(lr=1e-4, min_lr=1e-5, warmup_steps=0, schedule='constant')
   if stage == 'grpo':
-    c.rl.reward = 'python:lm.post.tasks:exact_match'
+    c.rl.reward = 'python:lm.tasks.reverse:exact_match'
   if stage == 'ppo':
     c.rl.reward = f'model:{runs}/reward'
     # the reward model's scores reach +-10: a small value weight keeps the value head's
     # early errors from swamping the policy gradient (all share one trunk and one clip)
     c.rl.update(updates_per_rollout=2, gamma=1.0, gae_lambda=0.95, value_coef=0.05)
+    c.optim.update(lr=2e-4, min_lr=2e-5)   # sampled exact match 0.66 with 1e-4, 0.73 with 2e-4
   if stage == 'dpo':
     c.optim.update(lr=2e-4, min_lr=2e-5, warmup_steps=0, schedule='constant')
     # RPO's NLL term on the chosen answer keeps greedy answers right: plain DPO (weight 0)
@@ -73,7 +77,7 @@ def get_config(variant: str = 'sft'):
   if stage in ('lora_sft', 'qlora_sft'):
     c.lora.update(rank=4, alpha=32.0)   # 4.2% of the parameters
     c.optim.lr = 3e-3
-  if stage == 'qlora_sft':   # the frozen base in NF4, groups of 32 (lm/quant.py)
+  if stage == 'qlora_sft':   # the frozen base in NF4, groups of 32 (lm/compress/quant.py)
     c.quant.scheme = 'nf4'
     # rank 16: the NF4 base's error takes some of the adapters' room, and where the task is
     # learned depends on rounding (the CPU's kernels). Held-out exact match after 400 steps:

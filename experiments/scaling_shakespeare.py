@@ -8,7 +8,7 @@ steps of 16 x 64 tokens (0.3M-1.2M tokens), each with its own cosine schedule, a
 evaluated once at the end. About 9 minutes for all 15 runs on 2 CPU cores.
 """
 from lm import config as config_lib
-from lm import sweeps
+from lm.config import sweeps
 
 
 def get_config():

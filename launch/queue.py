@@ -12,7 +12,7 @@ disk, `ifGenerationMatch=0` on GCS (fsspec's `mode='create'`), atomic on both, s
 runners racing for a point exactly one wins. Attempt N is live while its runner rewrites
 beat-N; one silent for longer than the heartbeat timeout (a preempted slice, a killed
 process) leaves the point claimable again, and the next claim resumes it from its last
-checkpoint. A point is done when its workdir holds final.json (written by lm.train).
+checkpoint. A point is done when its workdir holds final.json (written by lm.training.loop).
 """
 import dataclasses
 import functools

@@ -30,8 +30,7 @@ from etils import epath
 
 from launch import provenance, skypilot, tpu
 from launch import queue as queue_lib
-from lm import sweeps
-from lm.config import ConfigError
+from lm.config import ConfigError, sweeps
 
 WHERE = ('local', 'tpu', 'skypilot')
 
@@ -148,7 +147,7 @@ def status_rows(queue: queue_lib.Queue, now: float | None = None) -> list[dict]:
   rows = []
   for s in (queue.state(p, now) for p in queue.points()):
     fs, root = fsspec.core.url_to_fs(s.point.workdir)
-    try:   # written by lm.train, which may be halfway through rewriting it
+    try:   # written by lm.training.loop, which may be halfway through rewriting it
       beat = queue_lib.read_json(fs, f'{root.rstrip("/")}/heartbeat.json') or {}
     except json.JSONDecodeError:
       beat = {}

@@ -13,8 +13,8 @@ import shlex
 import subprocess
 
 from launch import runner
-from lm import tpus
 from lm.config import ConfigError
+from lm.parallel import tpus
 
 # accelerator generation (gcloud's spelling) -> TPU VM runtime (software) version
 RUNTIMES = {'v4': 'tpu-ubuntu2204-base', 'v5litepod': 'v2-alpha-tpuv5-lite',

@@ -13,8 +13,9 @@ import sys
 
 import jax
 
-from lm import runs, train
 from lm.config import ConfigError
+from lm.training import loop as train
+from lm.training import runs
 
 SPLITS = {'validation': 'val', 'test': 'test'}
 

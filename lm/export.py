@@ -8,8 +8,8 @@ import sys
 import jax
 from etils import epath
 
-from lm import runs
 from lm.config import ConfigError
+from lm.training import runs
 
 
 def export(workdir: str, out: str, merge_lora: bool) -> epath.Path:

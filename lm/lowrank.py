@@ -10,7 +10,6 @@ The new run is evaluated and sampled like any run, and fine-tuned with
 import argparse
 import dataclasses
 import json
-import re
 import sys
 
 import flax.linen as nn
@@ -19,29 +18,10 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from lm import model as model_lib
-from lm import runs
+from lm.compress import svd
 from lm.config import ConfigError
-
-
-def _kernels(params, targets: str) -> dict[tuple, np.ndarray]:
-  """{module path: kernel} of the targeted Linear modules."""
-  flat = traverse_util.flatten_dict(params)
-  return {path[:-1]: np.asarray(w, np.float32) for path, w in flat.items()
-          if path[-1] == 'kernel' and re.search(targets, '/'.join(path[:-1]))}
-
-
-def _matrices(kernel: np.ndarray, n_in: int, stacked: bool) -> np.ndarray:
-  """The kernel as [layers,] inputs x outputs."""
-  lead = kernel.shape[:1] if stacked else ()
-  rest = kernel.shape[len(lead):]
-  return kernel.reshape(*lead, int(np.prod(rest[:n_in])), int(np.prod(rest[n_in:])))
-
-
-def energy_rank(singular_values: np.ndarray, energy: float) -> int:
-  """The smallest rank keeping `energy` of sum(S^2) (for each row of a stack: the largest)."""
-  share = np.cumsum(singular_values ** 2, -1) / np.sum(singular_values ** 2, -1, keepdims=True)
-  return int(np.max(np.sum(share < energy - 1e-12, -1) + 1))
+from lm.model import transformer as model_lib
+from lm.training import runs
 
 
 def compress(workdir: str, out: str, rank: int | None, energy: float | None,
@@ -55,7 +35,7 @@ def compress(workdir: str, out: str, rank: int | None, energy: float | None,
     raise ConfigError(f'--workdir={workdir} is already low-rank (rank '
                       f'{run.config.model.lowrank_rank})')
   params = jax.device_get(runs.merged_params(run))
-  kernels = _kernels(params, targets)
+  kernels = svd.kernels(params, targets)
   if not kernels:
     raise ConfigError(f'--targets={targets!r} matches no Linear module')
   # how many leading kernel axes are inputs: u's axes in a factored model, less its rank
@@ -64,10 +44,10 @@ def compress(workdir: str, out: str, rank: int | None, energy: float | None,
       lambda: model_lib.Transformer(probe).init(jax.random.PRNGKey(0), np.zeros((1, 1), int)))[
           'params']))
   n_in = {path: shapes[path + ('u',)].ndim - 1 - (path[0] == 'layers') for path in kernels}
-  svds = {path: np.linalg.svd(_matrices(w, n_in[path], path[0] == 'layers'),
+  svds = {path: np.linalg.svd(svd.matrices(w, n_in[path], path[0] == 'layers'),
                               full_matrices=False) for path, w in kernels.items()}
   if energy is not None:
-    rank = max(energy_rank(s, energy) for _, s, _ in svds.values())
+    rank = max(svd.energy_rank(s, energy) for _, s, _ in svds.values())
   smallest = min(s.shape[-1] for _, s, _ in svds.values())
   if not 0 < rank <= smallest:
     raise ConfigError(f'--rank={rank} must be in 1 .. {smallest} (the smallest targeted '
@@ -96,18 +76,6 @@ def compress(workdir: str, out: str, rank: int | None, energy: float | None,
           'kernel_params_before': sum(w.size for w in kernels.values()),
           'kernel_params_after': sum(flat[p + ('u',)].size + flat[p + ('v',)].size
                                      for p in kernels), 'out': str(step_dir)}
-
-
-def folded(params):
-  """`params` with every factored kernel multiplied back out (kernel = u @ v), for formats
-  that know only dense kernels (Hugging Face export)."""
-  flat = traverse_util.flatten_dict(params)
-  for path in [p[:-1] for p in flat if p[-1] == 'u']:
-    u, v = flat.pop(path + ('u',)), flat.pop(path + ('v',))
-    product = lambda u, v: np.tensordot(np.asarray(u), np.asarray(v), 1)
-    flat[path + ('kernel',)] = (np.stack([product(a, b) for a, b in zip(u, v)])
-                                if path[0] == 'layers' else product(u, v))
-  return traverse_util.unflatten_dict(flat)
 
 
 def main(argv: list[str]) -> None:

@@ -27,7 +27,8 @@ def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   cli.use_compilation_cache()
-  from lm import distributed, train  # after flag parsing: --help does not import JAX
+  from lm.parallel import distributed  # after flag parsing: --help does not import JAX
+  from lm.training import loop as train
   try:
     config = cli.load_config(_CONFIG)
     cli.split_cpu(config.mesh.cpu_devices)
@@ -44,7 +45,7 @@ def main(argv) -> None:
     # a collective that failed because a peer died (gloo's connection reset): the watch
     # names the lost process and ends this one within the timeout
     distributed.await_lost_peer(e, _PEER_TIMEOUT.value)
-    from lm import checkpoint
+    from lm.training import checkpoint
     problem = checkpoint.storage_problem(e, str(checkpoint.absolute(_WORKDIR.value)))
     if isinstance(e, checkpoint.StorageError):
       message = str(e)

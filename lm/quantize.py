@@ -1,5 +1,6 @@
 """`python -m lm.quantize --workdir RUN --scheme int8|int4|nf4 [--group_size G] --out DIR`:
-a run directory whose Linear kernels (config.quant.targets) are stored quantized (lm/quant.py):
+a run directory whose Linear kernels (config.quant.targets) are stored quantized
+(lm/compress/quant.py):
 int8 with a scale per output channel (or per group of G inputs), int4 and NF4 with a scale per
 group of G inputs (default 32). `lm.evaluate` and `lm.sample` read it like any run. Prints one
 JSON line with the sizes in bytes.
@@ -13,8 +14,10 @@ import jax
 from etils import epath
 
 from lm import config as config_lib
-from lm import quant, runs, sharding, steps
+from lm.compress import quant
 from lm.config import ConfigError
+from lm.parallel import sharding
+from lm.training import runs, steps
 
 
 def quantize_run(workdir: str, scheme: str, group_size: int | None, out: str) -> dict:

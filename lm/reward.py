@@ -7,10 +7,10 @@ import sys
 import jax
 import numpy as np
 
-from lm import runs
 from lm.config import ConfigError
-from lm.post import data as post_data
-from lm.post import reward as reward_lib
+from lm.data import examples as post_data
+from lm.objectives import reward as reward_lib
+from lm.training import runs
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:

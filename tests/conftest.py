@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import sharding, steps
+from lm.parallel import sharding
+from lm.training import steps
 
 
 def tiny_config(**model):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import objectives, runs, steps
 from lm.config import ConfigError
 from lm.data import tokenizers
+from lm.objectives import pretrain
+from lm.training import runs, steps
 from tests.conftest import build_program, random_batch, tiny_config
 from tests.test_post import _apply, _log_softmax, _model, _params
 from tests.test_train import read_metrics, run_main
@@ -18,7 +19,7 @@ from tests.test_train import read_metrics, run_main
 
 def test_mlm_corruption_chooses_15_percent_and_leaves_the_rest_alone():
   tokens = jax.random.randint(jax.random.PRNGKey(0), (256, 1024), 0, 100)
-  corrupted, chosen = objectives.mlm_corruption(tokens, jax.random.PRNGKey(1), 0.15, 100, 100)
+  corrupted, chosen = pretrain.mlm_corruption(tokens, jax.random.PRNGKey(1), 0.15, 100, 100)
   tokens, corrupted, chosen = map(np.asarray, (tokens, corrupted, chosen))
   assert abs(chosen.mean() - 0.15) < 0.005
   assert np.array_equal(corrupted[~chosen], tokens[~chosen])   # unchosen: untouched
@@ -35,10 +36,10 @@ def test_mlm_loss_and_accuracy_count_the_chosen_positions_only():
   params = _params(model)
   tokens = jnp.asarray(random_batch(4, 16)['inputs'])
   rng = jax.random.PRNGKey(3)
-  loss = objectives.masked_lm(model, 0.15, 64)
+  loss = pretrain.masked_lm(model, 0.15, 64)
   total, count, metrics = jax.jit(lambda p, b: loss(p, {}, b, rng, False))(
       params, {'inputs': tokens, 'targets': tokens})
-  corrupted, chosen = objectives.mlm_corruption(tokens, jax.random.split(rng)[0], 0.15, 64, 64)
+  corrupted, chosen = pretrain.mlm_corruption(tokens, jax.random.split(rng)[0], 0.15, 64, 64)
   logp = _log_softmax(_apply(model, {'params': params}, corrupted))
   chosen = np.asarray(chosen)
   nll = -np.take_along_axis(logp, np.asarray(tokens)[..., None], -1)[..., 0]

@@ -107,7 +107,7 @@ def test_main_prints_one_line_and_exits_2(tmp_path):
     ('{"messages": [{"role": "user", "content": "hi"}]}', r'p.jsonl:2: .*no "assistant"'),
 ])
 def test_bad_post_training_jsonl_names_file_and_line(tmp_path, line, message):
-  from lm.post import data as post_data
+  from lm.data import examples as post_data
   path = tmp_path / 'p.jsonl'
   path.write_text('{"prompt": "q", "response": "r"}\n' + line + '\n')
   with pytest.raises(config_lib.ConfigError, match=message):
@@ -115,8 +115,8 @@ def test_bad_post_training_jsonl_names_file_and_line(tmp_path, line, message):
 
 
 def test_overlong_examples_error_or_are_truncated_and_counted():
+  from lm.data import examples as post_data
   from lm.data import tokenizers
-  from lm.post import data as post_data
   examples = [{'prompt': 'abc', 'response': 'defghij'}, {'prompt': 'a', 'response': 'b'}]
   strict = post_data.Truncation('error', 6, 'train')
   with pytest.raises(config_lib.ConfigError, match=r'overlong=error: example 0 of the train '
@@ -128,6 +128,7 @@ def test_overlong_examples_error_or_are_truncated_and_counted():
 
 
 def test_python_reward_that_cannot_be_imported_names_the_spec():
-  from lm.post import rl
-  with pytest.raises(config_lib.ConfigError, match=r'config.rl.reward=python:lm.post.tasks:nope'):
-    rl.python_reward('lm.post.tasks:nope')
+  from lm.training import rollouts as rl
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'config.rl.reward=python:lm.tasks.reverse:nope'):
+    rl.python_reward('lm.tasks.reverse:nope')

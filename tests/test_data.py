@@ -6,7 +6,7 @@ import pytest
 from etils import epath
 
 from lm import config as config_lib
-from lm.data import pipeline, sources, tokenizers
+from lm.data import pipeline, sources, text, tokenizers
 
 TEXT = sources.SHAKESPEARE.read_text()
 
@@ -78,8 +78,8 @@ def test_same_seed_same_batches_other_seed_other_batches(tfds_dir):
 def test_process_shards_are_disjoint_and_make_up_the_global_batch():
   tokens = np.arange(10_000, dtype=np.int32)   # token value == position in the stream
   kw = dict(seq_len=16, stride=1, batch_size=8, seed=0)
-  whole = pipeline.window_batches(tokens, rows=slice(0, 8), **kw)
-  shards = [pipeline.window_batches(tokens, rows=slice(2 * p, 2 * p + 2), **kw)
+  whole = text.window_batches(tokens, rows=slice(0, 8), **kw)
+  shards = [text.window_batches(tokens, rows=slice(2 * p, 2 * p + 2), **kw)
             for p in range(4)]
   seen = set()
   for step in range(50):

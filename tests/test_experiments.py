@@ -7,7 +7,7 @@ import pytest
 from etils import epath
 
 from lm import config as config_lib
-from lm import model as model_lib
+from lm.model import transformer as model_lib
 
 EXPERIMENTS = sorted((epath.Path(__file__).parent.parent / 'experiments').glob('[!_]*.py'))
 

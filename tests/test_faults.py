@@ -15,7 +15,7 @@ import pytest
 from etils import epath
 
 from launch import local
-from lm import checkpoint, runs
+from lm.training import checkpoint, runs
 from tests import test_train
 from tests.conftest import command_env
 from tests.test_train import ROOT, SMALL, load_params, losses_by_step, read_metrics, run_main
@@ -26,7 +26,10 @@ small_run = test_train.small_run   # the fixture: a finished SMALL run (checkpoi
 PATCHED_MAIN = '''
 import os, shutil, signal, sys
 from absl import app
-from lm import checkpoint, cli, distributed, main, train
+from lm import cli, main
+from lm.training import checkpoint
+from lm.parallel import distributed
+from lm.training import loop as train
 exec(sys.argv.pop(1))
 app.run(main.main, flags_parser=cli.parse_flags)
 '''

@@ -14,7 +14,10 @@ import pytest
 import torch
 import transformers
 
-from lm import hf, runs, sample, sharding
+from lm.inference import sampler as sample
+from lm.interop import hf
+from lm.parallel import sharding
+from lm.training import runs
 from tests.conftest import command_env
 from tests.fixtures.make_hf_fixtures import randomise
 from tests.test_hf import FIXTURES
@@ -133,7 +136,7 @@ def test_readme_flow_import_sample_lora_sft_export_generate(tmp_path):
            str(base), cwd=tmp_path)
   assert (_sample(base, 'First Citizen:', 12, tmp_path) ==
           _generate(FIXTURES / 'hf_tiny_llama', 'First Citizen:', 12))
-  _command('lm.post.tasks', 'make', '--out', 'data/reverse', cwd=tmp_path)
+  _command('lm.tasks.reverse', 'make', '--out', 'data/reverse', cwd=tmp_path)
   _command('lm.main', '--config', str(ROOT / 'experiments' / 'hf.py:lora_sft'), '--workdir',
            str(tuned), '--config.train.steps=60', '--config.train.eval_every=60',
            '--config.train.checkpoint_every=60', cwd=tmp_path)

@@ -1,6 +1,6 @@
-"""lm.hlo: compiled HLO text read back, on a hand-written module shaped like XLA's output."""
+"""lm.planning.hlo: compiled HLO text read back, on a hand-written module shaped like XLA's output."""
 # ruff: noqa: E501 (HLO instructions are written on one line each, as XLA writes them)
-from lm import hlo
+from lm.planning import hlo
 
 MODULE = '''HloModule jit_train_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]{1,0}}
 

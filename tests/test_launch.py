@@ -19,7 +19,7 @@ from tests.conftest import command_env
 from tests.test_train import ROOT
 
 EXPERIMENT = '''
-from lm import sweeps
+from lm.config import sweeps
 from experiments import shakespeare_char
 
 def get_config():

@@ -66,7 +66,7 @@ def test_lm_lora_trains_as_peft_does_step_for_step(words, tmp_path, family, mode
 def test_parameters_trained_beside_the_adapters_reach_export_and_evaluation(words, tmp_path):
   """lora.train_also: the head trained in full is saved, restored by `runs.load` over the
   frozen base, merged by `lm.export --merge_lora`, and evaluates the same before and after."""
-  from lm import runs
+  from lm.training import runs
   common = ['--config', 'experiments/shakespeare_char.py', *LLAMA_MODEL,
             '--config.train.eval_batches=1']
   base, tuned, exported = tmp_path / 'base', tmp_path / 'tuned', tmp_path / 'exported'

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import lowrank, runs
+from lm import lowrank
+from lm.compress import svd
 from lm.config import ConfigError
 from lm.data import tokenizers
+from lm.training import runs
 from tests.conftest import build_program, command_env, random_batch, tiny_config
 from tests.test_train import ROOT, run_main
 
@@ -40,7 +42,7 @@ def test_full_rank_reproduces_the_model_and_truncation_is_numpys_svd(tmp_path, s
   np.testing.assert_allclose(_logits(str(tmp_path / 'full'), tokens), _logits(dense, tokens),
                              atol=2e-4, rtol=1e-4)
   dense_params = runs.load(dense, 'run').variables['params']
-  for a, b in zip(jax.tree.leaves(lowrank.folded(runs.load(str(tmp_path / 'full'), 'run')
+  for a, b in zip(jax.tree.leaves(svd.folded(runs.load(str(tmp_path / 'full'), 'run')
                                                  .variables['params'])),
                   jax.tree.leaves(dense_params)):   # u @ v multiplied back out
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -68,11 +70,11 @@ def test_full_rank_reproduces_the_model_and_truncation_is_numpys_svd(tmp_path, s
 
 def test_energy_picks_the_smallest_rank_that_keeps_it():
   s = np.array([[4.0, 2.0, 1.0, 1.0], [3.0, 3.0, 1.0, 0.0]])   # S^2: 22 and 19 in all
-  assert lowrank.energy_rank(s[:1], 16 / 22) == 1
-  assert lowrank.energy_rank(s[:1], 16.01 / 22) == 2
-  assert lowrank.energy_rank(s, 0.9) == 2    # 20/22 and 18/19 at rank 2
-  assert lowrank.energy_rank(s, 0.95) == 3   # 21/22 at rank 3; the second row's 18/19 short
-  assert lowrank.energy_rank(s, 1.0) == 4
+  assert svd.energy_rank(s[:1], 16 / 22) == 1
+  assert svd.energy_rank(s[:1], 16.01 / 22) == 2
+  assert svd.energy_rank(s, 0.9) == 2    # 20/22 and 18/19 at rank 2
+  assert svd.energy_rank(s, 0.95) == 3   # 21/22 at rank 3; the second row's 18/19 short
+  assert svd.energy_rank(s, 1.0) == 4
 
 
 def test_bad_requests_are_refused(tmp_path):

@@ -8,7 +8,7 @@ import types
 import pytest
 from etils import epath
 
-from lm import metrics
+from lm.training import metrics
 
 
 @pytest.mark.parametrize('kind, peak', [('TPU v5 lite', 197e12), ('TPU v5p', 459e12),
@@ -69,7 +69,7 @@ def test_tensorboard_events_are_written_without_importing_torch_or_cloud_storage
   """tensorboardX imports PyTorch and Google Cloud Storage wherever they are installed (3.1 s
   of every run's start); the writer keeps them out, and both still import afterwards."""
   unused = ('torch', 'google.cloud.storage')
-  code = ('import importlib, sys; from etils import epath; from lm import metrics; '
+  code = ('import importlib, sys; from etils import epath; from lm.training import metrics; '
           f'w = metrics.MetricsWriter(epath.Path({str(tmp_path)!r})); '
           'w.write(1, {"loss": 2.0}); w.close(); '
           f'print([m in sys.modules for m in {unused}]); '

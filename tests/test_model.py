@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import attention, objectives, steps
 from lm import config as config_lib
-from lm import model as model_lib
+from lm import objectives
+from lm.model import attention
+from lm.model import transformer as model_lib
+from lm.training import steps
 from tests.conftest import tiny_config
 
 LLAMA = dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
@@ -261,7 +263,7 @@ def test_causal_mask_hides_the_future(causal):
 def _loss_and_grads(overrides, params, tokens):
   model, _ = _model(**overrides)
   batch = {'inputs': tokens, 'targets': jnp.roll(tokens, -1, axis=1)}
-  objective = objectives.next_token(model)
+  objective = objectives.pretrain.next_token(model)
   return jax.jit(lambda p, b: steps.loss_and_grads(p, {}, b, jax.random.PRNGKey(0), objective,
                                                    1)[:2])(params, batch)
 

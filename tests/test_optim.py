@@ -6,7 +6,10 @@ import optax
 import pytest
 
 from lm import config as config_lib
-from lm import optim, plan, tpus, train
+from lm.parallel import tpus
+from lm.planning import plan
+from lm.training import loop as train
+from lm.training import optim
 from tests.conftest import build_program, flat, loss_and_grads, random_batch, tiny_config
 from tests.test_train import Recorder
 

@@ -9,8 +9,10 @@ import optax
 import pytest
 
 from lm import config as config_lib
-from lm import model as model_lib
-from lm import pipeline, sharding, steps
+from lm.model import pipeline
+from lm.model import transformer as model_lib
+from lm.parallel import sharding
+from lm.training import steps
 from tests.conftest import build_program, random_batch, tiny_config
 
 

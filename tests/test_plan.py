@@ -10,8 +10,11 @@ import jax
 import pytest
 
 from lm import config as config_lib
-from lm import config_post, plan, sweeps, tpus
-from lm.checks import ConfigError
+from lm.config import post as config_post
+from lm.config import sweeps
+from lm.config.checks import ConfigError
+from lm.parallel import tpus
+from lm.planning import plan
 from tests.conftest import tiny_config
 
 V5E_4 = tpus.parse('v5e:2x2')

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import model as model_lib
-from lm import objectives, peft
+from lm import objectives
 from lm.config import ConfigError
+from lm.data import examples as post_data
 from lm.data import tokenizers
-from lm.post import data as post_data
-from lm.post import dpo, reward, rl
+from lm.model import lora as peft
+from lm.model import transformer as model_lib
+from lm.objectives import dpo, reward
+from lm.training import rollouts as rl
 from tests.conftest import assert_trees_close, build_program, flat, random_batch, tiny_config
 
 LLAMA = dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,
@@ -83,7 +85,7 @@ def test_sft_loss_is_the_masked_mean_and_prompt_targets_count_for_nothing():
   params = _params(model)
   rows = _sft_rows([{'prompt': 'abc', 'response': 'de'}, {'prompt': 'q', 'response': 'rst'}],
                    seq_len=8, pack=False)
-  objective = objectives.next_token(model)
+  objective = objectives.pretrain.next_token(model)
   total, count, _ = objective(params, {}, rows, None, False)
   logits = _apply(model, {'params': params}, rows['inputs'], positions=rows['positions'],
                        segments=rows['segments'])
@@ -138,7 +140,7 @@ def test_bradley_terry_reads_the_last_real_token():
   params['score_head'] = jax.random.normal(jax.random.PRNGKey(1), params['score_head'].shape)
   batch = _preference_batch()
   total, count, metrics = reward.bradley_terry(model)(params, {}, batch, None, False)
-  rows = objectives.pair_rows(batch)
+  rows = objectives.base.pair_rows(batch)
   _, scores = _apply(model, {'params': params}, rows['tokens'], scores=True)
   r = np.asarray(scores)[np.arange(4), rows['lengths'] - 1].reshape(2, 2)
   margin = r[:, 0] - r[:, 1]
@@ -165,7 +167,7 @@ def test_dpo_is_log_2_at_the_reference_and_matches_numpy():
       p, {'reference': reference}, batch, None, False)))
   np.testing.assert_allclose(float(mean_loss(reference)), np.log(2), rtol=1e-6)
 
-  rows = objectives.pair_rows(batch)
+  rows = objectives.base.pair_rows(batch)
   seq_logp = lambda p: (_token_logps(model, p, rows['tokens']) * rows['weights'][:, 1:]).sum(-1)
   pi, ref = seq_logp(policy).reshape(2, 2), seq_logp(reference).reshape(2, 2)
   expected, d_loss_d_logp = _dpo_numpy(pi, ref, beta, smoothing)
@@ -207,7 +209,7 @@ def test_policy_gradient_losses_match_numpy(ppo):
     params['score_head'] = jax.random.normal(jax.random.PRNGKey(1), params['score_head'].shape)
   batch = _rollout_batch(model, params)
   settings = config_lib.get_base_config().rl
-  total, count, metrics = rl.policy_gradient(model, model, settings, value=ppo)(
+  total, count, metrics = objectives.policy.policy_gradient(model, model, settings, value=ppo)(
       params, {}, batch, None, False)
 
   out = _apply(model, {'params': params}, batch['tokens'], scores=ppo)
@@ -236,8 +238,8 @@ def test_policy_at_its_own_rollout_has_ratio_1_and_kl_0():
   batch = _rollout_batch(model, params)
   logp = _token_logps(model, params, batch['tokens']).astype(np.float32)
   batch.update(old_logp=logp, ref_logp=logp)
-  _, count, metrics = rl.policy_gradient(model, model, config_lib.get_base_config().rl, False)(
-      params, {}, batch, None, False)
+  _, count, metrics = objectives.policy.policy_gradient(
+      model, model, config_lib.get_base_config().rl, False)(params, {}, batch, None, False)
   np.testing.assert_allclose(float(metrics['ratio'] / count), 1.0, rtol=1e-6)
   assert abs(float(metrics['kl'] / count)) < 1e-6
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from lm.post import tasks
+from lm.tasks import reverse as tasks
 from tests.conftest import command_env
 from tests.test_train import ROOT, read_metrics, run_main
 

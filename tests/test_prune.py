@@ -1,4 +1,4 @@
-"""Pruning (lm/prune.py): exact sparsity per layer and global, 2:4 groups, pruned weights
+"""Pruning (lm/compress/prune.py): exact sparsity per layer and global, 2:4 groups, pruned weights
 still zero after optimizer steps (AdamW with weight decay and momentum), the gradual
 schedule, and the command from a trained run."""
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import prune
+from lm.compress import prune
 from lm.config import ConfigError
 from tests.conftest import build_program, random_batch, tiny_config
 from tests.test_train import run_main

@@ -1,6 +1,7 @@
-"""Weight-only quantization (lm/quant.py, `python -m lm.quantize`): each scheme's round-trip
-error within half a quantization step, 4-bit packing, the quantized model against the float
-model with the dequantized kernels (one device and sharded), and the command end to end."""
+"""Weight-only quantization (lm/compress/quant.py, `python -m lm.quantize`): each scheme's
+round-trip error within half a quantization step, 4-bit packing, the quantized model against
+the float model with the dequantized kernels (one device and sharded), and the command end
+to end."""
 import json
 import subprocess
 import sys
@@ -10,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import evaluate, quant, quantize, runs
+from lm import evaluate, quantize
+from lm.compress import quant
+from lm.training import runs
 from tests.conftest import build_program, command_env, random_batch, tiny_config
 from tests.test_train import ROOT
 

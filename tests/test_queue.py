@@ -110,7 +110,7 @@ def test_status_table_of_a_sweep_with_points_in_every_state(tmp_path):
 
 def test_every_worker_of_a_slice_runs_the_point_worker_0_claims(tmp_path):
   # the command stands in for one host of a multi-host lm.main: it leaves a mark and, like
-  # lm.train on process 0, final.json
+  # lm.training.loop on process 0, final.json
   command = [sys.executable, '-c', 'import sys, time, uuid, pathlib; d = pathlib.Path('
              'sys.argv[1]); (d / f"ran-{uuid.uuid4()}").touch(); time.sleep(1.5); '
              '(d / "final.json").write_text("{}")']

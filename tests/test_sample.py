@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import model as model_lib
-from lm import sample, sharding
+from lm.inference import sampler as sample
+from lm.model import transformer as model_lib
+from lm.parallel import sharding
 from tests.conftest import build_program, tiny_config
 
 PROBS = np.array([0.05, 0.5, 0.15, 0.3], np.float32)
@@ -113,11 +114,13 @@ def test_cached_logits_equal_a_full_recompute_at_every_step(style):
     sequence = np.concatenate([prompt, np.asarray(new[b])])[None]
     full_LxV = np.asarray(apply(variables, sequence)[0])
     for i in range(settings.max_new_tokens):
-      # float32 sums in another order: errors scale with the row's largest logit (XLA:CPU of
-      # jaxlib 0.12 differs by up to 2.9e-5 on rows reaching 15, elements near 0.3)
+      # float32 sums in another order: errors scale with the row's largest logit. The floor,
+      # measured on an AVX-512 Xeon (jaxlib 0.12.1): the same rows from a batch of two differ
+      # from a batch of one by up to 7.6e-6 of the row's largest logit, the cache by 1.6e-5
+      # (under load); a window one position too wide errs by far more than the bound
       expected = full_LxV[len(prompt) - 1 + i]
       np.testing.assert_allclose(logits_NxBxV[i, b], expected, rtol=1e-5,
-                                 atol=5e-6 * np.abs(expected).max(),
+                                 atol=5e-5 * np.abs(expected).max(),
                                  err_msg=f'prompt {b}, token {i}')
 
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from lm import scaling
+from lm.analysis import scaling
 
 # Hoffmann et al. 2022's fitted constants, used as the truth here, except B (410.7 there):
 # far from A, so that a fit that swapped the two would show

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lm import steps
+from lm.training import steps
 from tests.conftest import build_program, flat, loss_and_grads, random_batch, tiny_config
 
 LLAMA = dict(positions='rope', norm='rmsnorm', mlp='swiglu', use_bias=False,

@@ -1,8 +1,8 @@
-"""Sweep points, run names and override checks (lm/sweeps.py)."""
+"""Sweep points, run names and override checks (lm/config/sweeps.py)."""
 import pytest
 
 from lm import config as config_lib
-from lm import sweeps
+from lm.config import sweeps
 
 
 def test_grid_zipped_product():

@@ -5,7 +5,8 @@ remat policies keep its output."""
 import functools
 
 from lm import config as config_lib
-from lm import plan, tpus
+from lm.parallel import tpus
+from lm.planning import plan
 from tests.conftest import tiny_config
 
 

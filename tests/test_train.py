@@ -14,7 +14,8 @@ import pytest
 from etils import epath
 
 from launch.local import xla_flags_with_cpu_devices
-from lm import checkpoint, train
+from lm.training import checkpoint
+from lm.training import loop as train
 from tests.conftest import CHAR_RUN_FLAGS, command_env
 
 ROOT = epath.Path(__file__).parent.parent
@@ -28,7 +29,9 @@ SMALL = ['--config.model.n_layers=2', '--config.model.d_model=64', '--config.tra
 KILLED_MAIN = '''
 import os, signal, sys
 from absl import app
-from lm import checkpoint, cli, main, train
+from lm import cli, main
+from lm.training import checkpoint
+from lm.training import loop as train
 KILL_AT, WAIT_AT = int(sys.argv.pop(1)), int(sys.argv.pop(1))
 save, push = checkpoint.Checkpointer.save, train.Logger.push
 def save_and_wait(self, step, *args):
@@ -106,7 +109,7 @@ def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
 
 
 def test_cpu_checkpoint_of_a_replicated_state_compiles_nothing(tmp_path, caplog):
-  """On CPU the first replica writes a replicated array whole (lm.checkpoint.state_handler),
+  """On CPU the first replica writes a replicated array whole (lm.training.checkpoint.state_handler),
   where Orbax's replica-parallel default compiles a slicing program per array shape; the
   state restores bitwise, onto another sharding too."""
   mesh = jax.make_mesh((8,), ('data',))

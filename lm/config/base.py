@@ -1,0 +1,421 @@
+"""The base config: every value the library reads, with its default, plus validation.
+
+Experiments start from `get_base_config()` and override numbers. `resolve()` fills the
+values derived from others (written as 0 / -1 here) so the saved config states every
+number a run used; `validate()` rejects bad input with one line naming the field, before
+anything compiles.
+"""
+import json
+import math
+import os
+
+import ml_collections
+from etils import epath
+
+from lm.config import post as config_post
+from lm.config.checks import ConfigError, one_of
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'stage')
+OPTIMIZERS = ('adamw', 'adam', 'adafactor', 'lion', 'sgd')
+SCHEDULES = ('cosine', 'wsd', 'constant')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'everything', 'save_attention')
+ATTENTION_IMPLEMENTATIONS = ('xla', 'xla_bf16', 'cudnn', 'splash', 'reference')
+TOKENIZERS = ('char', 'byte', 'spm_bpe', 'spm_unigram')
+PACKINGS = ('window', 'pack')
+OBJECTIVES = ('lm', 'sft', 'reward', 'dpo', 'grpo', 'ppo', 'mlm', 'distill')
+DATA_FORMATS = ('text', 'sft', 'preference', 'prompt')
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'lm', 'data')
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=-1,          # -1: taken from the tokenizer
+      vocab_multiple=1,       # pad the vocabulary to a multiple of this (for sharding / MXU tiles)
+      n_layers=4,
+      d_model=128,
+      n_heads=4,
+      n_kv_heads=0,           # 0: n_heads (multi-head); fewer gives grouped-query attention
+      d_ff=0,                 # 0: 4 * d_model
+      max_len=0,              # positions the model supports; 0: data.seq_len
+      causal=True,            # False: bidirectional encoder (masked-LM)
+      positions='learned',    # 'learned' (GPT-2) | 'rope' (Llama)
+      rope_theta=10000.0,
+      norm='layernorm',       # 'layernorm' | 'rmsnorm'
+      norm_eps=1e-5,
+      mlp='gelu',             # 'gelu' | 'swiglu'
+      use_bias=True,
+      tie_embeddings=True,
+      init_std=0.02,
+      dropout=0.0,
+      dtype='bfloat16',       # compute dtype; logits and loss are always float32
+      param_dtype='float32',
+      attention='xla',        # one of ATTENTION_IMPLEMENTATIONS
+      # causal sliding-window attention: each query sees this many positions (itself
+      # included); None: all earlier positions
+      attention_window=ml_collections.config_dict.placeholder(int),
+      attention_global_every=0,   # > 0 with a window: every this-many-th layer attends to all
+      # > 0: the Linear kernels matching lowrank_targets are factored, kernel = u @ v with
+      # rank lowrank_rank (python -m lm.lowrank writes them from a trained run's SVD)
+      lowrank_rank=0,
+      lowrank_targets='attn/(q|kv|o)|mlp/(wi|wo)',
+      remat='none',           # one of REMAT_POLICIES
+      scan_layers=True,
+      pipeline_microbatches=1,  # microbatches in flight when config.mesh.shape has stages > 1
+      pipeline_repeats=1,     # > 1: circular pipeline, each stage holds this many layer chunks
+      # True: the architecture (ARCHITECTURE fields) and config.data.tokenizer are those of
+      # the run config.train.init_from (fine-tuning an imported model without restating it)
+      from_init_from=False,
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      # 'shakespeare' (shipped with the package), 'text:PATH', 'jsonl:PATH' or 'tfds:NAME'
+      source='shakespeare',
+      text_key='text',        # field holding the text in JSONL lines and TFDS examples
+      split_fractions=(0.9, 0.05, 0.05),  # train / validation / test, for local files
+      tfds_splits=('train', 'validation', 'test'),  # split names for tfds:NAME sources
+      # where prepared data goes (TFDS array_record files, token files, downloads of tfds:NAME
+      # sources); '' : DEFAULT_DATA_DIR. Shared by runs: prepared once per corpus and tokenizer.
+      dir='',
+      tokenizer='char',       # one of TOKENIZERS, or hf:PATH (a Hugging Face tokenizer.json)
+      spm_vocab_size=1024,    # for spm_* tokenizers, trained on the train split
+      seq_len=64,
+      packing='window',       # 'window': random windows of a token stream; 'pack': streamed docs
+      window_stride=1,        # distance between the starts of candidate training windows
+      add_eos=False,          # append an end-of-document token after every document
+      # what a jsonl:PATH line holds: 'text' (config.data.text_key), 'sft' ({"prompt",
+      # "response"} or {"messages": [{"role", "content"}, ...]}), 'preference' ({"prompt",
+      # "chosen", "rejected"}) or 'prompt' ({"prompt", ...} for RL); see lm/data/examples.py
+      format='text',
+      overlong='truncate',    # an example longer than seq_len + 1 tokens: 'truncate' | 'error'
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name='adamw',           # one of OPTIMIZERS
+      lr=1e-3,
+      min_lr=1e-4,            # floor of the cosine / wsd decay
+      schedule='cosine',      # one of SCHEDULES
+      warmup_steps=100,
+      decay_steps=0,          # 0: train.steps
+      wsd_decay_fraction=0.2, # last fraction of decay_steps spent decaying in 'wsd'
+      b1=0.9,
+      b2=0.99,
+      eps=1e-8,
+      weight_decay=0.1,
+      decay_embeddings=True,  # weight decay on embedding tables (never on biases / norms)
+      clip_norm=1.0,          # 0: no clipping
+      max_nonfinite_steps=5,  # stop after this many non-finite updates in a row
+      # how a non-finite update is skipped: 'select' (element by element), 'branch'
+      # (lax.cond), 'auto': a branch on CPU meshes, else a select (lm.training.optim.skip_nonfinite)
+      nonfinite_skip='auto',
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=2000,
+      batch_size=12,          # global batch, in sequences
+      grad_accum_steps=1,     # microbatches per step (batch_size must divide)
+      seed=1337,
+      log_every=50,
+      eval_every=250,
+      eval_batches=100,       # at most this many validation / test batches
+      eval_batch_size=12,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      async_checkpoints=True,
+      # RUN_DIR or RUN_DIR/checkpoints/STEP: start from that run's parameters (and tokenizer),
+      # not its optimizer state, step or data position; ignored once this run has checkpoints
+      init_from='',
+      objective='lm',         # one of OBJECTIVES: what the loop minimises (lm/objectives/)
+  ))
+
+  c.mlm = ml_collections.ConfigDict(dict(
+      rate=0.15,              # positions chosen per sequence (80% [MASK], 10% random, 10% kept)
+      mask_id=-1,             # -1: the tokenizer's vocabulary size, an id added for [MASK]
+  ))
+
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher='',             # RUN_DIR (or RUN_DIR/checkpoints/STEP) of the frozen teacher
+      temperature=2.0,        # softens both distributions; the KL term is scaled by T^2
+      kl_weight=0.5,          # loss = (1 - w) x cross-entropy + w x T^2 x KL(teacher || student)
+  ))
+
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,                 # > 0: train low-rank adapters only; the base stays frozen
+      alpha=16.0,             # the update is scaled by alpha / rank
+      rslora=False,           # rank-stabilised LoRA (Kalajdzievski 2023): alpha / sqrt(rank)
+      # parameters trained in full beside the adapters (PEFT's modules_to_save), a regex
+      # searched in parameter paths, e.g. 'embed|head': where the adapters alone cannot reach
+      train_also='',
+      targets='attn/(q|kv|o)|mlp/(wi|wo)',   # regex searched in module paths, e.g. layers/attn/q
+  ))
+
+  # weight-only quantization (python -m lm.quantize writes quantized runs); with
+  # config.lora.rank > 0 the frozen base is quantized and the adapters train on it (QLoRA)
+  c.quant = ml_collections.ConfigDict(dict(
+      scheme='none',          # 'none' | 'int8' | 'int4' | 'nf4'
+      group_size=0,           # inputs per scale; 0: int8 one per output channel, 4-bit 32
+      targets='attn/(q|kv|o)|mlp/(wi|wo)',   # regex searched in module paths, as lora.targets
+  ))
+
+  # pruning while fine-tuning a config.train.init_from run (lm/compress/prune.py)
+  c.prune = ml_collections.ConfigDict(dict(
+      method='none',          # 'none' | 'magnitude' | 'nm' (N:M structured)
+      sparsity=0.5,           # magnitude: the fraction of targeted weights set to zero
+      n=2, m=4,               # nm: n weights kept of every m along a kernel's first input axis
+      schedule='oneshot',     # 'oneshot' (at the start) | 'gradual' (cubic, Zhu & Gupta 2017)
+      scope='layer',          # magnitude: 'layer' (each kernel of each layer) | 'global'
+      start_step=0,           # gradual: sparsity rises from 0 at start_step ...
+      end_step=0,             # ... to config.prune.sparsity at end_step (0: train.steps)
+      update_every=10,        # gradual: masks recomputed every this many steps
+      targets=r'(attn/(q|kv|o)|mlp/(wi|wo))/kernel',   # regex searched in parameter paths
+  ))
+
+  c.dpo = ml_collections.ConfigDict(dict(
+      beta=0.1,               # strength of the implicit KL to the reference
+      label_smoothing=0.0,    # assumed probability that a preference label is flipped
+      sft_weight=0.0,         # > 0: plus this times the chosen answer's token NLL (RPO)
+  ))
+
+  c.rl = ml_collections.ConfigDict(dict(
+      # 'model:RUN_DIR' (a reward-model run) or 'python:module:function', called as
+      # function(prompt: str, completion: str, example: dict) -> float
+      reward='',
+      group_size=4,           # completions sampled per prompt (train.batch_size counts them)
+      max_new_tokens=32,
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      stop='',                # completions are cut before this string (and at EOS)
+      kl_coef=0.04,           # weight of the k3 estimate of KL(policy || reference)
+      clip_eps=0.2,           # ratio clipping of the policy loss
+      updates_per_rollout=1,  # optimizer steps on each batch of rollouts (PPO epochs)
+      gamma=1.0,              # PPO: discount
+      gae_lambda=0.95,        # PPO: generalised advantage estimation
+      value_coef=0.5,         # PPO: weight of the value loss
+      value_clip=0.2,         # PPO: clipping of the value update
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape=(-1, 1, 1, 1),    # sizes of MESH_AXES; one may be -1 (all remaining devices)
+      # > 0: the commands that train (lm.main, benchmarks/throughput.py) split a host without
+      # accelerators into this many XLA:CPU devices, so that the data axis keeps every core
+      # busy through the whole step (see lm.cli.split_cpu); 0: JAX's one CPU device
+      cpu_devices=0,
+      # logical axis -> mesh axes. Parameters: embed, mlp, heads, kv_heads, head_dim, vocab,
+      # layers; activations: batch, length, act_embed, act_heads, act_mlp, act_vocab, stage.
+      rules=(
+          ('batch', ('data', 'fsdp')),
+          ('embed', 'fsdp'),
+          ('mlp', 'tensor'),
+          ('heads', 'tensor'),
+          ('kv_heads', 'tensor'),
+          ('vocab', 'tensor'),
+          ('act_heads', 'tensor'),
+          ('act_kv_heads', 'tensor'),
+          ('act_mlp', 'tensor'),
+          ('act_vocab', 'tensor'),
+          ('layers', 'stage'),
+          ('stage', 'stage'),
+          ('head_dim', None),
+          ('length', None),
+          ('act_embed', None),
+      ),
+  ))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      num_tokens=200,         # printed at the end of training; 0 to skip
+      prompt='\n',
+      temperature=0.8,
+      top_k=0,                # 0: no top-k filter
+      top_p=1.0,
+  ))
+  return c
+
+
+def resolve(c: ml_collections.ConfigDict, vocab_size: int | None) -> ml_collections.ConfigDict:
+  """Returns a locked copy with every derived value (written 0 / -1 above) filled in; the
+  vocabulary size stays -1 until the tokenizer's `vocab_size` is given."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  m = c.model
+  if c.train.objective == 'mlm' and c.mlm.mask_id == -1 and vocab_size is not None:
+    c.mlm.mask_id = vocab_size
+  if m.vocab_size == -1 and vocab_size is not None:
+    m.vocab_size = vocab_size + int(c.train.objective == 'mlm')   # + [MASK]
+  if m.vocab_size > 0:
+    m.vocab_size = math.ceil(m.vocab_size / m.vocab_multiple) * m.vocab_multiple
+  m.n_kv_heads = m.n_kv_heads or m.n_heads
+  m.d_ff = m.d_ff or 4 * m.d_model
+  m.max_len = m.max_len or c.data.seq_len
+  c.optim.decay_steps = c.optim.decay_steps or c.train.steps
+  if c.quant.scheme in ('int4', 'nf4') and c.quant.group_size == 0:
+    c.quant.group_size = 32
+  c.lock()
+  return c
+
+
+# the config.model fields that make a model's parameters and function
+ARCHITECTURE = ('vocab_size', 'vocab_multiple', 'n_layers', 'd_model', 'n_heads', 'n_kv_heads',
+                'd_ff', 'max_len', 'causal', 'positions', 'rope_theta', 'norm', 'norm_eps', 'mlp',
+                'use_bias', 'tie_embeddings', 'param_dtype', 'attention_window',
+                'attention_global_every', 'lowrank_rank', 'lowrank_targets')
+
+
+def with_architecture_of_init_from(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`c`, with config.model.from_init_from, taking the ARCHITECTURE fields and the tokenizer
+  from the run config.train.init_from (a run directory or RUN/checkpoints/STEP)."""
+  if not c.model.from_init_from:
+    return c
+  if not c.train.init_from:
+    raise ConfigError('config.model.from_init_from=True needs config.train.init_from')
+  run = epath.Path(c.train.init_from)
+  run = run.parent.parent if (run / 'state').exists() else run
+  source = saved(run)
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.model.update({k: source.model[k] for k in ARCHITECTURE if k in source.model})
+  c.data.tokenizer = source.data.tokenizer
+  return c
+
+
+def saved(directory) -> ml_collections.ConfigDict:
+  """A run directory's config.json over the base config (keys added since it was written
+  keep their defaults), with JSON lists back as tuples."""
+  as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, list) else v
+  config = get_base_config()
+  path = epath.Path(directory) / 'config.json'
+  if not path.exists():
+    raise ConfigError(f'{directory}: no config.json (not a run directory)')
+  for section, values in json.loads(path.read_text()).items():
+    for key, value in values.items():
+      config[section][key] = as_tuple(value)
+  return config
+
+
+def mesh_shape(c: ml_collections.ConfigDict, device_count: int) -> tuple[int, ...]:
+  """config.mesh.shape with its -1 resolved against the device count."""
+  shape = tuple(int(s) for s in c.mesh.shape)
+  if len(shape) != len(MESH_AXES):
+    raise ConfigError(f'config.mesh.shape={shape} must have {len(MESH_AXES)} sizes, '
+                      f'for {MESH_AXES}')
+  if shape.count(-1) > 1:
+    raise ConfigError(f'config.mesh.shape={shape} may contain at most one -1')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if known <= 0 or device_count % known:
+      raise ConfigError(f'config.mesh.shape={shape} does not divide the {device_count} devices')
+    shape = tuple(device_count // known if s == -1 else s for s in shape)
+  if math.prod(shape) != device_count:
+    raise ConfigError(f'config.mesh.shape={shape} needs {math.prod(shape)} devices '
+                      f'but {device_count} are available')
+  return shape
+
+
+def _validate_pipeline(c: ml_collections.ConfigDict, stages: int, batch: int,
+                       batch_shards: int) -> None:
+  m = c.model
+  if not m.scan_layers:
+    raise ConfigError('pipeline stages (config.mesh.shape stage > 1) need '
+                      'config.model.scan_layers=True')
+  if m.n_layers % (stages * m.pipeline_repeats):
+    raise ConfigError(f'config.model.n_layers={m.n_layers} is not divisible by the '
+                      f'{stages} pipeline stages of config.mesh.shape x '
+                      f'config.model.pipeline_repeats={m.pipeline_repeats}')
+  if m.pipeline_repeats > 1 and m.pipeline_microbatches < stages:
+    raise ConfigError(f'a circular pipeline (config.model.pipeline_repeats='
+                      f'{m.pipeline_repeats}) needs config.model.pipeline_microbatches='
+                      f'{m.pipeline_microbatches} >= the {stages} stages')
+  micro = m.pipeline_microbatches
+  for name, size in (('the batch', batch),
+                     ('config.train.eval_batch_size', c.train.eval_batch_size)):
+    if micro < 1 or size % micro or (size // micro) % batch_shards:
+      raise ConfigError(f'{name} of {size} sequences does not split into '
+                        f'config.model.pipeline_microbatches={micro} microbatches divisible by '
+                        f'data x fsdp = {batch_shards}')
+
+
+def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
+  """Raises ConfigError for the first bad value; call on a resolved config before compiling
+  (once before building the tokenizer, and again after, with its vocabulary size)."""
+  m, t, d = c.model, c.train, c.data
+  one_of('optim.name', c.optim.name, OPTIMIZERS)
+  one_of('optim.schedule', c.optim.schedule, SCHEDULES)
+  one_of('optim.nonfinite_skip', c.optim.nonfinite_skip, ('auto', 'select', 'branch'))
+  one_of('model.remat', m.remat, REMAT_POLICIES)
+  one_of('model.attention', m.attention, ATTENTION_IMPLEMENTATIONS)
+  one_of('model.positions', m.positions, ('learned', 'rope'))
+  one_of('model.norm', m.norm, ('layernorm', 'rmsnorm'))
+  one_of('model.mlp', m.mlp, ('gelu', 'swiglu'))
+  if not (d.tokenizer.startswith('hf:') and len(d.tokenizer) > 3):
+    one_of('data.tokenizer', d.tokenizer, TOKENIZERS + ('hf:PATH',))
+  one_of('data.packing', d.packing, PACKINGS)
+  one_of('data.format', d.format, DATA_FORMATS)
+  one_of('data.overlong', d.overlong, ('truncate', 'error'))
+  one_of('train.objective', t.objective, OBJECTIVES)
+  if c.mesh.cpu_devices < 0:
+    raise ConfigError(f'config.mesh.cpu_devices={c.mesh.cpu_devices} must be 0 (one CPU device) '
+                      'or the number of devices to split the CPU into')
+  for name in ('n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'd_ff', 'vocab_multiple'):
+    if m[name] <= 0:
+      raise ConfigError(f'config.model.{name}={m[name]} must be positive')
+  for name in ('steps', 'batch_size', 'grad_accum_steps', 'eval_every', 'checkpoint_every',
+               'log_every', 'eval_batch_size', 'keep_checkpoints'):
+    if t[name] <= 0:
+      raise ConfigError(f'config.train.{name}={t[name]} must be positive')
+  if m.d_model % m.n_heads:
+    raise ConfigError(f'config.model.d_model={m.d_model} is not divisible by '
+                      f'config.model.n_heads={m.n_heads}')
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(f'config.model.n_heads={m.n_heads} is not divisible by '
+                      f'config.model.n_kv_heads={m.n_kv_heads}')
+  if m.positions == 'rope' and (m.d_model // m.n_heads) % 2:
+    raise ConfigError(f'rope needs an even head dimension, got config.model.d_model / n_heads '
+                      f'= {m.d_model // m.n_heads}')
+  config_post.validate(c)   # after the model's own checks: it divides by them
+  if d.seq_len > m.max_len:
+    raise ConfigError(f'config.data.seq_len={d.seq_len} is longer than the model\'s '
+                      f'config.model.max_len={m.max_len} positions')
+  if m.lowrank_rank < 0:
+    raise ConfigError(f'config.model.lowrank_rank={m.lowrank_rank} must be >= 0')
+  if m.attention_window is not None and (m.attention_window <= 0 or not m.causal):
+    raise ConfigError(f'config.model.attention_window={m.attention_window} must be a positive '
+                      'number of positions, on a causal model (config.model.causal=True)')
+  if m.attention_global_every < 0 or (m.attention_global_every and not m.attention_window):
+    raise ConfigError(f'config.model.attention_global_every={m.attention_global_every} must be '
+                      '>= 0, and > 0 only with config.model.attention_window')
+  if m.attention_global_every and c.mesh.shape[3] not in (0, 1):
+    raise ConfigError('config.model.attention_global_every with pipeline stages is not '
+                      'supported (the stages apply one layer body)')
+  if m.attention == 'cudnn' and m.dtype not in ('bfloat16', 'float16'):
+    raise ConfigError(f"config.model.attention='cudnn' needs a 16-bit config.model.dtype, "
+                      f'got {m.dtype!r}')
+  data, fsdp, tensor, stage = mesh_shape(c, device_count)
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f'config.train.batch_size={t.batch_size} is not divisible by '
+                      f'config.train.grad_accum_steps={t.grad_accum_steps}')
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % (data * fsdp):
+    raise ConfigError(f'global batch (config.train.batch_size={t.batch_size} / grad_accum_steps='
+                      f'{t.grad_accum_steps}) is not divisible by data x fsdp = {data * fsdp}')
+  if stage > 1:
+    _validate_pipeline(c, stage, micro, data * fsdp)
+  if t.eval_batch_size % (data * fsdp):
+    raise ConfigError(f'config.train.eval_batch_size={t.eval_batch_size} is not divisible by '
+                      f'data x fsdp = {data * fsdp}')
+  for name in ('n_heads', 'n_kv_heads', 'd_ff', 'vocab_size'):
+    if m[name] % tensor and m[name] != -1:   # vocab_size is -1 until the tokenizer is built
+      raise ConfigError(f'config.model.{name}={m[name]} is not divisible by the tensor mesh '
+                        f'axis ({tensor}); change config.mesh.shape or config.model.{name}'
+                        + (' (see vocab_multiple)' if name == 'vocab_size' else ''))
+  if m.d_model % fsdp:
+    raise ConfigError(f'config.model.d_model={m.d_model} is not divisible by the fsdp mesh axis '
+                      f'({fsdp})')
+  o = c.optim
+  if o.name == 'adam' and o.weight_decay:
+    raise ConfigError(f"config.optim.name='adam' ignores config.optim.weight_decay="
+                      f"{o.weight_decay}: use name='adamw' (decoupled decay) or weight_decay=0")
+  if not 0 <= o.warmup_steps < o.decay_steps:
+    raise ConfigError(f'config.optim.warmup_steps={o.warmup_steps} must be at least 0 and less '
+                      f'than config.optim.decay_steps={o.decay_steps} (0 means train.steps)')
+  if not sum(d.split_fractions) <= 1.0 + 1e-9 or min(d.split_fractions) <= 0:
+    raise ConfigError(f'config.data.split_fractions={tuple(d.split_fractions)} must be three '
+                      'positive fractions summing to at most 1')

@@ -1,0 +1,347 @@
+"""The training loop: data, init or resume, train / eval / checkpoint, final test and sample."""
+import contextlib
+import functools
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from etils import epath
+
+from lm import config as config_lib
+from lm.compress import prune, quant
+from lm.config import ConfigError
+from lm.data import pipeline, tokenizers
+from lm.inference import sampler as sample
+from lm.model import lora as peft
+from lm.parallel import distributed, sharding
+from lm.training import checkpoint, runs, steps
+from lm.training import metrics as metrics_lib
+from lm.training import rollouts as rl
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite updates in a row."""
+
+
+def global_batch(program: steps.Program, local_batch: dict[str, np.ndarray], batch_size: int):
+  """This process's rows -> one array of batch_size rows over all processes' devices."""
+  if jax.process_count() == 1:   # the same result, without the multi-host bookkeeping
+    return jax.device_put(local_batch, program.batch_sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      program.batch_sharding, x, (batch_size, *x.shape[1:])), local_batch)
+
+
+def evaluate(program: steps.Program, params, batches, batch_size: int) -> dict[str, float]:
+  """The objective's mean loss ('loss') and metrics (e.g. 'accuracy') over the batches.
+
+  Each batch's sums come back to the host (float64) before the next batch is sent: with
+  several evaluation steps and their additions in flight over many CPU devices, XLA:CPU
+  (jaxlib 0.10.2) can deadlock in the steps' all-reduce and abort after 40 s."""
+  sums = {}
+  for batch in batches:
+    total, count, metrics = program.eval_step(params, global_batch(program, batch, batch_size))
+    for name, value in jax.device_get({'loss': total, 'count': count, **metrics}).items():
+      sums[name] = sums.get(name, 0.0) + np.float64(value)
+  count = sums.pop('count')
+  return {k: float(v / count) for k, v in sums.items()}
+
+
+def setup(config: ml_collections.ConfigDict, workdir: epath.Path | None,
+          tokenizer_from: epath.Path | None = None):
+  """Validated config (with the tokenizer's vocabulary), data and the program to compile."""
+  device_count = jax.device_count()
+  config_lib.validate(config_lib.resolve(config, None), device_count)  # before any slow work
+  mesh = sharding.make_mesh(config_lib.mesh_shape(config, device_count))
+  data = pipeline.make_data(config, workdir, functools.partial(sharding.process_rows, mesh),
+                            tokenizer_from)
+  config = config_lib.resolve(config, data.tokenizer.vocab_size)
+  needed = data.tokenizer.vocab_size + int(config.train.objective == 'mlm')   # + [MASK]
+  if config.model.vocab_size < needed:
+    raise ConfigError(f'config.model.vocab_size={config.model.vocab_size} is smaller than the '
+                      f'{needed} ids of the {config.data.tokenizer!r} tokenizer'
+                      + (' and [MASK]' if config.train.objective == 'mlm' else ''))
+  config_lib.validate(config, device_count)
+  return config, data, steps.build(config, mesh)
+
+
+def keep_schedule(config: ml_collections.ConfigDict, latest) -> tuple[ml_collections.ConfigDict,
+                                                                      str]:
+  """On resume, the learning-rate schedule the run started with: decay_steps derived from
+  train.steps then does not move (and the learning rate jump) when train.steps is raised.
+  Returns the config and a note for the resume message."""
+  if latest is None or config.optim.decay_steps:
+    return config, ''
+  decay_steps = latest[1]['decay_steps']
+  config = config.copy_and_resolve_references()
+  config.optim.decay_steps = decay_steps
+  if decay_steps == config.train.steps:
+    return config, ''
+  return config, (f'the learning-rate schedule is the one the run started with '
+                  f'(config.optim.decay_steps={decay_steps}); set it to change the schedule')
+
+
+class Logger:
+  """Metrics of step n-1 are fetched after step n is dispatched, so the host never stalls
+  the device; it checks them for non-finite streaks and writes every log_every steps."""
+
+  def __init__(self, config, program, writer, bar, start_step: int):
+    self.config, self.writer, self.bar = config, writer, bar
+    self.tokens_per_step = config.train.batch_size * config.data.seq_len
+    self.flops_per_token = program.model_config.flops_per_token(config.data.seq_len)
+    self.pending = None
+    self.interval_start = (start_step + 1, None)   # the first step also compiles: not timed
+
+  def push(self, step: int, metrics) -> None:
+    if self.pending is not None:
+      self._handle(*self.pending)
+    self.pending = (step, metrics)
+
+  def flush(self) -> None:
+    """Handles the pending step, before work that is not a step (an evaluation, a
+    checkpoint): the clock restarts at the next step handled, so that work does not count in
+    step_ms and tokens_per_s."""
+    if self.pending is not None:
+      self._handle(*self.pending)
+      self.pending = None
+    self.interval_start = (0, None)
+
+  def _handle(self, step: int, device_metrics) -> None:
+    m = jax.device_get(device_metrics)
+    limit = self.config.optim.max_nonfinite_steps
+    if m['nonfinite_streak'] >= limit:
+      raise NonFiniteError(f'step {step}: {int(m["nonfinite_streak"])} updates in a row had '
+                           f'non-finite gradients (config.optim.max_nonfinite_steps={limit}); '
+                           'stopping. Lower the learning rate or check the data.')
+    first, started = self.interval_start
+    if started is None:
+      self.interval_start = (step, time.perf_counter())
+    if step % self.config.train.log_every:
+      return
+    row = {'loss': m['loss'], 'lr': m['lr'], 'grad_norm': m['grad_norm'],
+           'skipped_steps': m['skipped_steps']}
+    if self.config.train.objective in ('lm', 'sft'):
+      row['perplexity'] = math.exp(min(m['loss'], 50.0))
+    row.update({k: v for k, v in m.items() if k not in row and k != 'nonfinite_streak'})
+    now = time.perf_counter()
+    if started is not None and step > first:
+      row.update(metrics_lib.throughput(step - first, now - started, self.tokens_per_step,
+                                        self.flops_per_token, jax.devices()))
+      self.interval_start = (step, now)
+    self.writer.write(step, row)
+    self.bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
+
+
+def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
+                    ckpt: checkpoint.Checkpointer):
+  """(config, data, program, state, run record): the state of the workdir's newest checkpoint,
+  or a new one (from config.train.init_from's parameters when set); says which on stdout."""
+  config, schedule_note = keep_schedule(config, ckpt.latest_run())
+  t = config.train
+  holds_run = bool(ckpt.manager.all_steps()) or bool(list(ckpt.directory.glob('*.corrupt*')))
+  warm = checkpoint.warm_start_dirs(t.init_from) if t.init_from and not holds_run else None
+  config, data, program = setup(config, workdir, tokenizer_from=warm[0] if warm else None)
+  run = {'signature': checkpoint.signature(config, data.tokenizer.fingerprint,
+                                           program.mesh.shape['stage']),
+         'decay_steps': config.optim.decay_steps}
+  state = ckpt.restore_latest(program.abstract_state, data.train, run, hint=(
+      f'Use a new --workdir, or start a new run from this one with '
+      f'--config.train.init_from={workdir}'))
+  if t.objective == 'distill':
+    _check_teacher_tokenizer(config, data.tokenizer)
+  program.frozen = _frozen(program, workdir, warm, run, t.seed, config.distill.teacher)
+  if state is None:
+    state = program.init(jax.random.PRNGKey(t.seed))
+    if warm and not config.lora.rank:   # under LoRA the warm start is the frozen base
+      # a scalar head (reward, value) new to this run keeps its fresh initialisation
+      heads = {k: v for k, v in state.params.items() if k == 'score_head'}
+      state = state.replace(params=checkpoint.load_params(
+          warm[1], program.abstract_state.params, run, 'config.train.init_from', fresh=heads))
+    if config.lora.train_also:   # trained beside the adapters, from the base's values
+      state = state.replace(params={**state.params, peft.FULL: jax.tree.map(
+          jnp.copy, peft.selected(program.frozen['base'], config.lora.train_also))})
+    if config.prune.method != 'none':   # the run starts pruned (one-shot, or step 0's share)
+      state = state.replace(params=program.in_mesh(jax.jit(
+          lambda p: prune.prune(p, config.prune, t.steps)[0],
+          out_shardings=program.state_sharding.params))(state.params))
+  start_step = int(state.step)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    counts = program.model_config.param_counts()
+    if start_step and schedule_note:
+      print(schedule_note)
+    set_aside = ''.join(f' (checkpoint {step} set aside as {name}: {why})'
+                        for step, name, why in ckpt.set_aside)
+    start = (f'resuming at step {start_step}{set_aside}' if start_step else
+             f'starting from the parameters of {warm[1]}' if warm else 'starting')
+    print(f'{start}: {counts["total"]:,} parameters ({counts["non_embedding"]:,} '
+          f'non-embedding), vocabulary {config.model.vocab_size}, mesh {dict(program.mesh.shape)}, '
+          f'objective {t.objective}')
+    print(_trainable_summary(program, state))
+  return config, data, program, state, run
+
+
+def _frozen(program: steps.Program, workdir: epath.Path, warm, run: dict, seed: int,
+            teacher: str) -> dict:
+  """What the objective reads but never trains (LoRA base, reference, teacher): saved in the workdir
+  when the run starts (from config.train.init_from's parameters, or a fresh init), so that a
+  resume needs nothing outside the run directory."""
+  if not program.abstract_frozen:
+    return {}
+  if (workdir / runs.FROZEN_DIR).exists():
+    return runs.load_frozen(workdir, program)
+  frozen = program.init_frozen(jax.random.PRNGKey(seed))
+  if warm:   # a QLoRA base is read in float and quantized
+    for name in frozen.keys() - {'teacher'}:
+      target = program.abstract_frozen[name]
+      frozen[name] = jax.device_put(quant.quantize_like(checkpoint.load_params(
+          warm[1], quant.float_target(target, program.model_config.param_dtype), run,
+          'config.train.init_from'), target),
+          jax.tree.map(lambda t: t.sharding, target))
+  if 'teacher' in frozen:   # distillation: the teacher run's parameters, whatever its size
+    _, step_dir = checkpoint.warm_start_dirs(teacher, 'config.distill.teacher')
+    frozen['teacher'] = checkpoint.load_params(
+        step_dir, program.abstract_frozen['teacher'], {'signature': {'layer order': 'logical'}},
+        'config.distill.teacher')
+  runs.save_frozen(workdir, frozen)
+  return frozen
+
+
+def _check_teacher_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
+  """A distillation teacher must read the student's tokens."""
+  directory = checkpoint.warm_start_dirs(config.distill.teacher, 'config.distill.teacher')[0]
+  teacher = tokenizers.load(directory / 'tokenizer.json',
+                            config_lib.saved(directory).data.tokenizer)
+  if teacher.fingerprint != tokenizer.fingerprint:
+    raise ConfigError(f'config.distill.teacher={config.distill.teacher!r} uses another tokenizer '
+                      f'({teacher.kind} {teacher.fingerprint}) than the student '
+                      f'({tokenizer.kind} {tokenizer.fingerprint})')
+
+
+def _trainable_summary(program: steps.Program, state) -> str:
+  """Trained parameters (of all, frozen included) and optimizer-state bytes; for QLoRA the
+  stored size of the quantized base kernels."""
+  trained, frozen = quant.param_count(state.params), quant.param_count(
+      program.frozen.get('base', {}))
+  opt_bytes = quant.stored_bytes(state.opt_state)
+  out = (f'trainable parameters {trained:,} of {trained + frozen:,} '
+         f'({100 * trained / (trained + frozen):.2f}%), optimizer state {opt_bytes:,} bytes')
+  kernels = quant.kernels(program.frozen.get('base', {}))
+  if kernels:
+    stored = quant.stored_bytes(jax.eval_shape(quant.to_stored, kernels))
+    bf16 = 2 * quant.param_count(kernels)
+    out += (f', quantized base kernels {stored:,} bytes stored ({100 * stored / bf16:.1f}% of '
+            f'their {bf16:,} bfloat16 bytes)')
+  return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
+          peer_timeout: float = distributed.PEER_TIMEOUT_S) -> dict[str, float]:
+  """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics.
+  In a run of several processes, each ends once another has been silent for `peer_timeout`
+  seconds (`distributed.watch_peers`; 0: never)."""
+  start_time = time.perf_counter()
+  workdir = checkpoint.absolute(workdir)
+  is_main = jax.process_index() == 0
+  config = config_lib.with_architecture_of_init_from(config)
+  config_lib.validate(config_lib.resolve(config, None), jax.device_count())  # before any I/O
+  if config.quant.scheme != 'none' and not config.lora.rank:
+    raise ConfigError(f'config.quant.scheme={config.quant.scheme!r} trains only LoRA adapters on '
+                      'the quantized base (QLoRA): set config.lora.rank > 0')
+  t = config.train
+  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', t.keep_checkpoints,
+                                 t.async_checkpoints)
+  config, data, program, state, run = resume_or_start(config, workdir, ckpt)
+  # watched from here: preparing the data (a tokenizer trained in C++ may hold the GIL for
+  # minutes) could silence a process's beats without it being lost
+  distributed.watch_peers(peer_timeout)
+  t, start_step = config.train, int(state.step)
+  rollouts = rl.Rollouts(config, program, data) if t.objective in ('grpo', 'ppo') else None
+  writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main, total_steps=t.steps)
+  bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
+                  dynamic_ncols=True, mininterval=1.0)
+  try:   # closed on any error too: tensorboardX's exit handler fails at shutdown on 3.12
+    logger = Logger(config, program, writer, bar, start_step)
+    evaluate_on = functools.partial(_evaluate, program, data, rollouts, t.eval_batch_size)
+    val = None
+    for step in range(start_step + 1, t.steps + 1):
+      if rollouts is None:
+        batch, host_metrics = global_batch(program, next(data.train), t.batch_size), {}
+      elif (step - 1) % config.rl.updates_per_rollout == 0:   # then reused for the next updates
+        batch, host_metrics = rollouts(state, next(data.train), step)
+      state, step_metrics = program.train_step(state, batch)
+      logger.push(step, {**step_metrics, **host_metrics})
+      evaluates = step % t.eval_every == 0 or step == t.steps
+      checkpoints = step % t.checkpoint_every == 0 or step == t.steps
+      if evaluates or checkpoints:
+        logger.flush()
+      if evaluates:
+        val, seconds = _timed(evaluate_on, state.params, 'validation')
+        writer.write(step, {**val, 'val_wall_s': seconds})
+        if is_main:
+          bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
+      if checkpoints:
+        ckpt.save(step, state, data.train, run)
+      bar.update()
+    logger.flush()
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    test, seconds = _timed(evaluate_on, state.params, 'test')
+    val = val or evaluate_on(state.params, 'validation')
+    writer.write(t.steps, {**test, 'test_wall_s': seconds})
+  except BaseException:
+    bar.close()   # the error's line below the bar, not on it
+    with contextlib.suppress(Exception):   # a full disk fails the close too: report the first
+      writer.close()
+    raise
+  writer.close()
+  text = _sample(config, program, state.params, data.tokenizer)   # every process takes part
+  wall = time.perf_counter() - start_time
+  final = {'steps': t.steps, **val, **test, 'wall_s': wall}
+  if config.prune.method != 'none':
+    final['sparsity'] = prune.sparsity(state.params, config.prune.targets)
+  if is_main:
+    (workdir / 'final.json').write_text(json.dumps(final))   # marks the run finished
+    if text is not None:
+      print('sample:\n' + text)
+    scores = ', '.join(f'{k} {v:.4f}' for k, v in {**val, **test}.items())
+    print(f'done: {t.steps} steps, {scores}, {wall:.1f}s wall, workdir {workdir}')
+  return final
+
+
+def _timed(fn, *args):
+  """(fn's result, its wall-clock seconds): how long an evaluation holds up training, for
+  choosing eval_every and eval_batch_size (the first includes its compile)."""
+  start = time.perf_counter()
+  result = fn(*args)
+  return result, round(time.perf_counter() - start, 3)
+
+
+def _evaluate(program, data, rollouts, batch_size: int, params, split: str) -> dict[str, float]:
+  """Metrics on a split, named like val_loss / test_accuracy: the objective's loss and
+  metrics, or for RL the mean reward of greedy completions."""
+  prefix = {'validation': 'val', 'test': 'test'}[split]
+  metrics = (rollouts.evaluate(params, split) if rollouts else
+             evaluate(program, params, data.eval[split], batch_size))
+  return {f'{prefix}_{k}': v for k, v in metrics.items()}
+
+
+def _sample(config, program: steps.Program, params, tokenizer) -> str | None:
+  """A sample from the prompt of config.sample (None when num_tokens is 0)."""
+  s = config.sample
+  if s.num_tokens <= 0 or not config.model.causal:   # a bidirectional model does not sample
+    return None
+  settings = sample.Settings(s.num_tokens, s.temperature, s.top_k, s.top_p,
+                             eos_id=tokenizer.eos_id)
+  sampler = sample.Sampler(program.model_config, program.mesh, program.rules,
+                           tokenizer.vocab_size)
+  prompt = tokenizer.encode(s.prompt)
+  new = sampler.extend(program.variables(params), prompt, jax.random.PRNGKey(config.train.seed),
+                       settings)
+  return s.prompt + sample.completion_text(tokenizer, new, len(new))
