@@ -2,8 +2,11 @@
 `--config.*` override key is one line on stderr and exit code 2, not a traceback."""
 import os
 import sys
+from collections.abc import Callable
 
 from absl import flags
+
+from lm.config import ConfigError
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -81,6 +84,16 @@ def _one_line(error: Exception) -> str:
   """ml_collections' message, which arrives as the repr of a KeyError's text, as one line."""
   text = str(error.args[0] if error.args else error)
   return ' '.join(text.replace('\\n', ' ').replace('\\', '').replace("'", '').split())
+
+
+def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
+  """A command's entry point: `main(argv)` (by default the command line's arguments), with bad
+  input (a ConfigError, which names the field or file) reported as one line on stderr and exit
+  code 2 instead of a traceback."""
+  try:
+    main(sys.argv[1:] if argv is None else argv)
+  except ConfigError as e:
+    fail(str(e))
 
 
 def fail(message: str) -> None:

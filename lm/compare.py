@@ -8,7 +8,8 @@ import sys
 
 from etils import epath
 
-from lm.analysis import compare, scaling
+from lm import cli
+from lm.analysis import compare
 
 
 def main(argv=None) -> None:
@@ -34,12 +35,8 @@ def main(argv=None) -> None:
       print(f'wrote {path}')
   if args.fit:
     plots = epath.Path(args.plots) / 'scaling_fit.png' if args.plots else None
-    try:
-      print(json.dumps(compare.fit(rows, args.fit, plots)))
-    except scaling.FitError as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
+    print(json.dumps(compare.fit(rows, args.fit, plots)))
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -9,11 +9,11 @@ responses of their JSONL (`sft`); runs trained on preference or prompt data need
 import argparse
 import json
 import math
-import sys
 
 import jax
 
-from lm.config import ConfigError
+from lm import cli
+from lm.config import ConfigError, objective_traits
 from lm.training import loop as train
 from lm.training import runs
 
@@ -33,11 +33,9 @@ def evaluate(workdir: str, splits=('validation', 'test'), source: str | None = N
   elif config.data.format not in ('text', 'sft'):
     raise ConfigError(f'--workdir={workdir} trained on {config.data.format!r} data, which has no '
                       'next-token loss: give --source (e.g. shakespeare or text:PATH)')
-  if config.train.objective != 'mlm':   # a masked-LM run keeps its objective
-    config.train.objective = {'text': 'lm', 'sft': 'sft'}[config.data.format]
-  config.train.init_from = ''
-  config.lora.update(rank=0, train_also='')   # merged: a plain model
-  config.model.pipeline_repeats = 1   # runs.load put the layers in logical order
+  if objective_traits.of(config).causal:   # a masked-LM run keeps its objective
+    config.train.objective = objective_traits.NEXT_TOKEN[config.data.format]
+  runs.plain_config(config)
   devices = jax.device_count()
   config.mesh.shape = (-1, 1, 1, 1)   # every device, data parallel
   config.train.eval_batch_size = math.ceil(config.train.eval_batch_size / devices) * devices
@@ -66,12 +64,8 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--eval_batches', type=int, help='at most this many batches per split')
   args = parser.parse_args(argv)
   splits = (args.split,) if args.split else tuple(SPLITS)
-  try:
-    print(json.dumps(evaluate(args.workdir, splits, args.source, args.eval_batches)))
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  print(json.dumps(evaluate(args.workdir, splits, args.source, args.eval_batches)))
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

@@ -3,11 +3,11 @@ RUN/checkpoints/STEP) as a plain run directory (config.json, tokenizer, paramete
 adapters merged into the base kernels, for `lm.sample`, evaluation and
 config.train.init_from."""
 import argparse
-import sys
 
 import jax
 from etils import epath
 
+from lm import cli
 from lm.config import ConfigError
 from lm.training import runs
 
@@ -19,12 +19,8 @@ def export(workdir: str, out: str, merge_lora: bool) -> epath.Path:
     raise ConfigError(f'--workdir={workdir} holds LoRA adapters: pass --merge_lora to fold '
                       'them into the base kernels')
   params = runs.merged_params(run)
-  config = run.config
-  config.lora.update(rank=0, train_also='')   # merged: a plain model
+  config = runs.plain_config(run.config)
   config.quant.scheme = 'none'   # merged_params dequantizes (a QLoRA base, a quantized run)
-  config.train.init_from = ''
-  # the layers are now in logical order on one device: no circular-pipeline layout
-  config.model.pipeline_repeats = 1
   config.mesh.shape = (-1, 1, 1, 1)
   return runs.write(epath.Path(out), config, jax.device_get(params), run.tokenizer,
                     int(run.step_dir.name))
@@ -37,13 +33,9 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--merge_lora', action='store_true',
                       help='fold LoRA adapters into the base kernels (needed for a LoRA run)')
   args = parser.parse_args(argv)
-  try:
-    step_dir = export(args.workdir, args.out, args.merge_lora)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  step_dir = export(args.workdir, args.out, args.merge_lora)
   print(f'exported {step_dir}')
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

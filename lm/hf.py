@@ -7,8 +7,8 @@
 import argparse
 import json
 import re
-import sys
 
+from lm import cli
 from lm.config import ConfigError
 from lm.interop import hf
 
@@ -37,20 +37,16 @@ def main(argv: list[str]) -> None:
   exp.add_argument('--max_shard_size', default='2GB', help='split the safetensors above this')
   exp.add_argument('--no_tokenizer', action='store_true', help='write the model only')
   args = parser.parse_args(argv)
-  try:
-    if args.command == 'import':
-      shape = tuple(int(s) for s in args.mesh_shape.split(','))
-      summary = hf.import_model(args.hf_dir, args.workdir, shape, args.param_dtype)
-      summary.pop('params')
-      print(json.dumps(summary))
-    else:
-      files = hf.export_model(args.workdir, args.out, args.dtype, _size(args.max_shard_size),
-                           not args.no_tokenizer)
-      print(f'exported {args.out}: {", ".join(files)}')
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  if args.command == 'import':
+    shape = tuple(int(s) for s in args.mesh_shape.split(','))
+    summary = hf.import_model(args.hf_dir, args.workdir, shape, args.param_dtype)
+    summary.pop('params')
+    print(json.dumps(summary))
+  else:
+    files = hf.export_model(args.workdir, args.out, args.dtype, _size(args.max_shard_size),
+                         not args.no_tokenizer)
+    print(f'exported {args.out}: {", ".join(files)}')
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

@@ -10,7 +10,6 @@ The new run is evaluated and sampled like any run, and fine-tuned with
 import argparse
 import dataclasses
 import json
-import sys
 
 import flax.linen as nn
 import jax
@@ -18,6 +17,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from lm import cli
 from lm.compress import svd
 from lm.config import ConfigError
 from lm.model import transformer as model_lib
@@ -52,9 +52,7 @@ def compress(workdir: str, out: str, rank: int | None, energy: float | None,
   if not 0 < rank <= smallest:
     raise ConfigError(f'--rank={rank} must be in 1 .. {smallest} (the smallest targeted '
                       'kernel dimension)')
-  config = run.config
-  config.lora.update(rank=0, train_also='')   # merged: a plain model
-  config.train.init_from, config.model.pipeline_repeats = '', 1
+  config = runs.plain_config(run.config)
   config.model.update(lowrank_rank=rank, lowrank_targets=targets)
   config.quant.scheme = 'none'
   flat = traverse_util.flatten_dict(params)
@@ -88,12 +86,8 @@ def main(argv: list[str]) -> None:
                       help='regex searched in the Linear modules\' paths')
   parser.add_argument('--out', required=True, help='the new run directory')
   args = parser.parse_args(argv)
-  try:
-    print(json.dumps(compress(args.workdir, args.out, args.rank, args.energy, args.targets)))
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  print(json.dumps(compress(args.workdir, args.out, args.rank, args.energy, args.targets)))
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

@@ -8,11 +8,11 @@ JSON line with the sizes in bytes.
 import argparse
 import json
 import pathlib
-import sys
 
 import jax
 from etils import epath
 
+from lm import cli
 from lm import config as config_lib
 from lm.compress import quant
 from lm.config import ConfigError
@@ -28,9 +28,7 @@ def quantize_run(workdir: str, scheme: str, group_size: int | None, out: str) ->
   if run.config.quant.scheme != 'none':
     raise ConfigError(f'--workdir={workdir} is already quantized ({run.config.quant.scheme})')
   params = jax.device_get(runs.merged_params(run))
-  config = run.config
-  config.lora.update(rank=0, train_also='')   # merged: a plain model
-  config.train.init_from, config.model.pipeline_repeats = '', 1
+  config = runs.plain_config(run.config)
   config.mesh.shape = (-1, 1, 1, 1)
   config.quant.update(scheme=scheme, group_size=group_size or 0)
   config = config_lib.resolve(config, None)
@@ -61,12 +59,8 @@ def main(argv: list[str]) -> None:
                       'channel, 32 for int4 / nf4)')
   parser.add_argument('--out', required=True, help='the new run directory')
   args = parser.parse_args(argv)
-  try:
-    print(json.dumps(quantize_run(args.workdir, args.scheme, args.group_size, args.out)))
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  print(json.dumps(quantize_run(args.workdir, args.scheme, args.group_size, args.out)))
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

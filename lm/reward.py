@@ -2,11 +2,11 @@
 model's score of each line's {"prompt", "response"} (the response may be absent, or named
 "completion" as `lm.sample --out` writes it), one number per line, in order."""
 import argparse
-import sys
 
 import jax
 import numpy as np
 
+from lm import cli
 from lm.config import ConfigError
 from lm.data import examples as post_data
 from lm.objectives import reward as reward_lib
@@ -57,15 +57,11 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--prompts_file', required=True)
   parser.add_argument('--batch_size', type=int, default=64)
   args = parser.parse_args(argv)
-  try:
-    pairs = read_pairs(args.prompts_file)
-    scores = score(runs.load(args.workdir, '--workdir'), pairs, args.batch_size)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  pairs = read_pairs(args.prompts_file)
+  scores = score(runs.load(args.workdir, '--workdir'), pairs, args.batch_size)
   for value in scores:
     print(f'{value:.6f}')
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

@@ -3,10 +3,10 @@ F.jsonl) [--greedy] [--top_k K] [--top_p P] [--stop S] [--out F.jsonl]. The samp
 `lm.inference.sampler`."""
 import argparse
 import json
-import sys
 
 import jax
 
+from lm import cli
 from lm.config import ConfigError
 from lm.data import examples
 from lm.inference import sampler
@@ -31,17 +31,13 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--batch_size', type=int, default=64, help='prompts decoded together')
   parser.add_argument('--out', help='write {"prompt", "completion"} JSON lines here')
   args = parser.parse_args(argv)
-  try:
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-      raise ConfigError('--max_new_tokens must be >= 1, --temperature >= 0, --top_p in (0, 1]')
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
-    run = runs.load(args.workdir, '--workdir')
-    completions = sampler.complete(run, prompts, sampler.Settings(
-        args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.greedy,
-        run.tokenizer.eos_id), jax.random.PRNGKey(args.seed), tuple(args.stop), args.batch_size)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+    raise ConfigError('--max_new_tokens must be >= 1, --temperature >= 0, --top_p in (0, 1]')
+  prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
+  run = runs.load(args.workdir, '--workdir')
+  completions = sampler.complete(run, prompts, sampler.Settings(
+      args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.greedy,
+      run.tokenizer.eos_id), jax.random.PRNGKey(args.seed), tuple(args.stop), args.batch_size)
   out = open(args.out, 'w') if args.out else None
   for prompt, completion in zip(prompts, completions):
     if out:
@@ -63,4 +59,4 @@ def read_prompts(path: str) -> list[str]:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

@@ -6,8 +6,8 @@
 """
 import argparse
 import json
-import sys
 
+from lm import cli
 from lm.analysis import scaling
 
 
@@ -31,24 +31,20 @@ def main(argv=None) -> None:
   p.add_argument('--fit', required=True, help='JSON printed by `fit`')
   p.add_argument('--flops', type=float, required=True)
   args = parser.parse_args(argv)
-  try:
-    if args.command == 'plan':
-      print(json.dumps(scaling.plan(json.loads(open(args.fit).read()), args.flops)))
-      return
-    columns = [c for c in (args.n_col, args.d_col, args.flops_col, args.loss_col, args.run_col)
-               if c]
-    fit, (n, d, loss) = scaling.fit_table(
-        scaling.read_table(args.table, columns), args.n_col, args.d_col, args.flops_col,
-        args.loss_col, args.approach, args.run_col, args.exclude_highest_loss)
-    if args.bootstrap and args.approach == '3':
-      fit['intervals_90'] = scaling.bootstrap_parametric(n, d, loss, args.bootstrap)
-    if args.plot and args.approach != 'kaplan':
-      scaling.plot(fit, n, d, loss, args.plot)
-    print(json.dumps(fit))
-  except scaling.FitError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  if args.command == 'plan':
+    print(json.dumps(scaling.plan(json.loads(open(args.fit).read()), args.flops)))
+    return
+  columns = [c for c in (args.n_col, args.d_col, args.flops_col, args.loss_col, args.run_col)
+             if c]
+  fit, (n, d, loss) = scaling.fit_table(
+      scaling.read_table(args.table, columns), args.n_col, args.d_col, args.flops_col,
+      args.loss_col, args.approach, args.run_col, args.exclude_highest_loss)
+  if args.bootstrap and args.approach == '3':
+    fit['intervals_90'] = scaling.bootstrap_parametric(n, d, loss, args.bootstrap)
+  if args.plot and args.approach != 'kaplan':
+    scaling.plot(fit, n, d, loss, args.plot)
+  print(json.dumps(fit))
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

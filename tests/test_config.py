@@ -132,3 +132,30 @@ def test_python_reward_that_cannot_be_imported_names_the_spec():
   with pytest.raises(config_lib.ConfigError,
                      match=r'config.rl.reward=python:lm.tasks.reverse:nope'):
     rl.python_reward('lm.tasks.reverse:nope')
+
+
+def test_a_checkpoint_signature_records_every_architecture_field_and_reads_old_ones():
+  """config.ARCHITECTURE is the one list: changing any of its fields changes the signature
+  that resume compares, and a field added later is left out while it keeps the value that
+  checkpoints written before it imply (so that they still resume)."""
+  import ml_collections
+
+  from lm.training import checkpoint
+  base = config_lib.get_base_config()
+  plain = checkpoint.signature(config_lib.resolve(base, 65), 'tokenizer', 1)
+  for field, before in config_lib.ARCHITECTURE.items():
+    assert (f'model.{field}' in plain) == (before == config_lib.EVERY_CHECKPOINT), field
+    changed = ml_collections.ConfigDict(base.to_dict())
+    value = changed.model[field]
+    changed.model[field] = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v * 2,
+                            str: lambda v: v + 'x'}.get(type(value), lambda v: 3)(value)
+    if field == 'lowrank_targets':   # recorded only where it matters: with a rank
+      changed.model.lowrank_rank = plain_rank = 2
+      assert checkpoint.differences(
+          {**plain, 'model.lowrank_rank': plain_rank},
+          checkpoint.signature(config_lib.resolve(changed, 65), 'tokenizer', 1)) == [
+              f"config.model.lowrank_targets was '(absent)', now {changed.model[field]!r}"]
+      continue
+    problems = checkpoint.differences(
+        plain, checkpoint.signature(config_lib.resolve(changed, 65), 'tokenizer', 1))
+    assert any(f'config.model.{field}' in p for p in problems), (field, problems)

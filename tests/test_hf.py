@@ -11,8 +11,8 @@ import safetensors.numpy
 import tokenizers as hf_tokenizers
 from etils import epath
 
+from lm import cli, lowrank
 from lm import hf as hf_command
-from lm import lowrank
 from lm.data import tokenizers
 from lm.interop import hf
 from lm.training import runs
@@ -153,7 +153,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
   damage, message = BAD_INPUT[case]
   damage(directory)
   with pytest.raises(SystemExit) as exit_info:
-    hf_command.main(['import', '--from', str(directory), '--workdir', str(tmp_path / 'run')])
+    cli.run(hf_command.main, ['import', '--from', str(directory),
+                              '--workdir', str(tmp_path / 'run')])
   err = capsys.readouterr().err
   assert exit_info.value.code == 2 and err.startswith('error: ') and message in err, err
   assert err.count('\n') == 1
@@ -165,7 +166,8 @@ def test_gpt2_without_the_transformer_prefix_and_export_refusals(tmp_path, capsy
       {k.removeprefix('transformer.'): t.pop(k) for k in list(t)}))
   hf.import_model(str(directory), str(tmp_path / 'run'))
   with pytest.raises(SystemExit):   # a run directory is written once
-    hf_command.main(['import', '--from', str(directory), '--workdir', str(tmp_path / 'run')])
+    cli.run(hf_command.main, ['import', '--from', str(directory),
+                              '--workdir', str(tmp_path / 'run')])
   assert 'already holds checkpoints' in capsys.readouterr().err
 
 
@@ -175,7 +177,8 @@ def test_export_refuses_what_has_no_hugging_face_form(tmp_path, capsys):
   config['model']['norm'] = 'rmsnorm'   # learned positions with RMSNorm: neither family
   (tmp_path / 'run' / 'config.json').write_text(json.dumps(config))
   with pytest.raises(SystemExit) as exit_info:
-    hf_command.main(['export', '--workdir', str(tmp_path / 'run'), '--out', str(tmp_path / 'out')])
+    cli.run(hf_command.main, ['export', '--workdir', str(tmp_path / 'run'),
+                              '--out', str(tmp_path / 'out')])
   err = capsys.readouterr().err
   assert exit_info.value.code == 2 and 'is neither GPT-2' in err and err.count('\n') == 1, err
 
@@ -184,9 +187,10 @@ def test_export_refuses_what_has_no_hugging_face_form(tmp_path, capsys):
   (tmp_path / 'run' / 'config.json').write_text(json.dumps(config))
   (tmp_path / 'run' / 'tokenizer.json').write_text(json.dumps({'kind': 'byte'}))
   with pytest.raises(SystemExit):
-    hf_command.main(['export', '--workdir', str(tmp_path / 'run'), '--out', str(tmp_path / 'out')])
+    cli.run(hf_command.main, ['export', '--workdir', str(tmp_path / 'run'),
+                              '--out', str(tmp_path / 'out')])
   assert "'byte' tokenizer has no tokenizer.json form" in capsys.readouterr().err
-  hf_command.main(['export', '--workdir', str(tmp_path / 'run'), '--out', str(tmp_path / 'out'),
-           '--no_tokenizer'])
+  cli.run(hf_command.main, ['export', '--workdir', str(tmp_path / 'run'),
+                            '--out', str(tmp_path / 'out'), '--no_tokenizer'])
   assert (tmp_path / 'out' / 'model.safetensors').exists()
   assert not (tmp_path / 'out' / 'tokenizer.json').exists()

@@ -138,3 +138,33 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_launch_imports_only_config_and_parallel(source):
   imported = _imports(source, _modules('launch')[source])
   assert {m for m in imported if m.split('.')[1] not in ('config', 'parallel')} == set()
+
+
+def _objective_comparisons(source: str, names: set[str]) -> list[int]:
+  """Lines comparing something named like an objective with an objective's name."""
+  lines = []
+  for node in ast.walk(ast.parse(source)):
+    if not isinstance(node, ast.Compare):
+      continue
+    sides = [node.left, *node.comparators]
+    literals = set()
+    for side in sides:
+      items = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+      literals |= {i.value for i in items if isinstance(i, ast.Constant)}
+    if literals & names and any('objective' in ast.unparse(s) or ast.unparse(s) == 'name'
+                                for s in sides):
+      lines.append(node.lineno)
+  return lines
+
+
+def test_objective_names_are_compared_nowhere_but_in_their_table():
+  from lm import objectives
+  from lm.config import objective_traits
+  names = set(objective_traits.TRAITS)
+  assert set(objectives.BUILDERS) == names   # every objective in the table has a builder
+  found = {name: lines for name, path in {**LM, **_modules('launch')}.items()
+           if (lines := _objective_comparisons(path.read_text(), names))}
+  assert found == {}
+  assert _objective_comparisons("if config.train.objective in ('dpo', 'ppo'): pass", names)
+  assert _objective_comparisons("name == 'mlm'", names)
+  assert not _objective_comparisons("if fmt == 'sft': pass", names)

@@ -10,8 +10,7 @@ import jax
 import pytest
 
 from lm import config as config_lib
-from lm.config import post as config_post
-from lm.config import sweeps
+from lm.config import objective_traits, sweeps
 from lm.config.checks import ConfigError
 from lm.parallel import tpus
 from lm.planning import plan
@@ -191,7 +190,7 @@ def test_bad_input(monkeypatch):
     tpus.parse('v5p-7')
   with pytest.raises(ConfigError, match=r'needs 8 devices but 4 are available'):
     plan.plan(_config((1, 8, 1, 1)), V5E_4)
-  objective = next(k for k, v in config_post.OBJECTIVE_FORMATS.items() if v != 'text')
+  objective = next(k for k, v in objective_traits.TRAITS.items() if v.data_format != 'text')
   config = _config()
   config.train.objective = objective
   with pytest.raises(ConfigError, match='lm.plan plans objectives that read text'):

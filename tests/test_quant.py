@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import evaluate, quantize
+from lm import cli, evaluate, quantize
 from lm.compress import quant
 from lm.training import runs
 from tests.conftest import build_program, command_env, random_batch, tiny_config
@@ -118,7 +118,7 @@ def _quantize(capsys, *args):
   """`python -m lm.quantize ARGS` in this process: (exit code, stdout, stderr)."""
   code = 0
   try:
-    quantize.main([str(a) for a in args])
+    cli.run(quantize.main, [str(a) for a in args])
   except SystemExit as e:
     code = e.code
   out = capsys.readouterr()

@@ -109,9 +109,9 @@ def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
 
 
 def test_cpu_checkpoint_of_a_replicated_state_compiles_nothing(tmp_path, caplog):
-  """On CPU the first replica writes a replicated array whole (lm.training.checkpoint.state_handler),
-  where Orbax's replica-parallel default compiles a slicing program per array shape; the
-  state restores bitwise, onto another sharding too."""
+  """On CPU the first replica writes a replicated array whole
+  (lm.training.checkpoint.state_handler), where Orbax's replica-parallel default compiles a
+  slicing program per array shape; the state restores bitwise, onto another sharding too."""
   mesh = jax.make_mesh((8,), ('data',))
   on = lambda spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
   state = {'w': np.arange(192, dtype=np.float32).reshape(64, 3) / 7, 'step': np.int32(7)}

@@ -19,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lm.config import ConfigError
+
 MIN_POINTS = {1: 2, 2: 6, 3: 5, 'kaplan': 3}   # fewer make a fit meaningless (see each fit)
 
 
-class FitError(ValueError):
+class FitError(ConfigError):
   """Too few or unusable points for a fit."""
 
 

@@ -1,28 +1,26 @@
 """What a run is: the defaults and their choices (`base`), checks of one value (`checks`), the
 post-training sections' rules (`post`) and sweeps (`sweeps`). Experiments import this package
 as `from lm import config as config_lib`; its names are `base`'s."""
-from lm.config.base import (
-                            ARCHITECTURE,
-                            ATTENTION_IMPLEMENTATIONS,
-                            DATA_FORMATS,
-                            DEFAULT_DATA_DIR,
-                            MESH_AXES,
-                            OBJECTIVES,
-                            OPTIMIZERS,
-                            PACKINGS,
-                            REMAT_POLICIES,
-                            SCHEDULES,
-                            TOKENIZERS,
-                            get_base_config,
-                            mesh_shape,
-                            resolve,
-                            saved,
-                            validate,
-                            with_architecture_of_init_from,
-)
-from lm.config.checks import ConfigError, one_of
+from lm.config import base, checks
 
-__all__ = ['ARCHITECTURE', 'ATTENTION_IMPLEMENTATIONS', 'DATA_FORMATS', 'DEFAULT_DATA_DIR',
-           'MESH_AXES', 'OBJECTIVES', 'OPTIMIZERS', 'PACKINGS', 'REMAT_POLICIES', 'SCHEDULES',
-           'TOKENIZERS', 'ConfigError', 'get_base_config', 'mesh_shape', 'one_of', 'resolve',
-           'saved', 'validate', 'with_architecture_of_init_from']
+ConfigError = checks.ConfigError
+one_of = checks.one_of
+ARCHITECTURE = base.ARCHITECTURE
+ATTENTION_IMPLEMENTATIONS = base.ATTENTION_IMPLEMENTATIONS
+DATA_FORMATS = base.DATA_FORMATS
+DEFAULT_DATA_DIR = base.DEFAULT_DATA_DIR
+EVERY_CHECKPOINT = base.EVERY_CHECKPOINT
+MESH_AXES = base.MESH_AXES
+OBJECTIVES = base.OBJECTIVES
+OPTIMIZERS = base.OPTIMIZERS
+PACKINGS = base.PACKINGS
+REMAT_POLICIES = base.REMAT_POLICIES
+SCHEDULES = base.SCHEDULES
+TOKENIZERS = base.TOKENIZERS
+get_base_config = base.get_base_config
+mesh_shape = base.mesh_shape
+resolve = base.resolve
+saved = base.saved
+validate = base.validate
+with_architecture_of_init_from = base.with_architecture_of_init_from
+

@@ -12,6 +12,7 @@ import os
 import ml_collections
 from etils import epath
 
+from lm.config import objective_traits
 from lm.config import post as config_post
 from lm.config.checks import ConfigError, one_of
 
@@ -22,7 +23,7 @@ REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'everything', 'save_a
 ATTENTION_IMPLEMENTATIONS = ('xla', 'xla_bf16', 'cudnn', 'splash', 'reference')
 TOKENIZERS = ('char', 'byte', 'spm_bpe', 'spm_unigram')
 PACKINGS = ('window', 'pack')
-OBJECTIVES = ('lm', 'sft', 'reward', 'dpo', 'grpo', 'ppo', 'mlm', 'distill')
+OBJECTIVES = tuple(objective_traits.TRAITS)
 DATA_FORMATS = ('text', 'sft', 'preference', 'prompt')
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'lm', 'data')
 
@@ -126,7 +127,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       # RUN_DIR or RUN_DIR/checkpoints/STEP: start from that run's parameters (and tokenizer),
       # not its optimizer state, step or data position; ignored once this run has checkpoints
       init_from='',
-      objective='lm',         # one of OBJECTIVES: what the loop minimises (lm/objectives/)
+      objective='lm',         # a row of lm/config/objective_traits.py: what the loop minimises
   ))
 
   c.mlm = ml_collections.ConfigDict(dict(
@@ -238,10 +239,11 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int | None) -> ml_collecti
   vocabulary size stays -1 until the tokenizer's `vocab_size` is given."""
   c = ml_collections.ConfigDict(c.to_dict())
   m = c.model
-  if c.train.objective == 'mlm' and c.mlm.mask_id == -1 and vocab_size is not None:
+  mask_token = objective_traits.of(c).mask_token
+  if mask_token and c.mlm.mask_id == -1 and vocab_size is not None:
     c.mlm.mask_id = vocab_size
   if m.vocab_size == -1 and vocab_size is not None:
-    m.vocab_size = vocab_size + int(c.train.objective == 'mlm')   # + [MASK]
+    m.vocab_size = vocab_size + int(mask_token)   # + [MASK]
   if m.vocab_size > 0:
     m.vocab_size = math.ceil(m.vocab_size / m.vocab_multiple) * m.vocab_multiple
   m.n_kv_heads = m.n_kv_heads or m.n_heads
@@ -254,11 +256,19 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int | None) -> ml_collecti
   return c
 
 
-# the config.model fields that make a model's parameters and function
-ARCHITECTURE = ('vocab_size', 'vocab_multiple', 'n_layers', 'd_model', 'n_heads', 'n_kv_heads',
-                'd_ff', 'max_len', 'causal', 'positions', 'rope_theta', 'norm', 'norm_eps', 'mlp',
-                'use_bias', 'tie_embeddings', 'param_dtype', 'attention_window',
-                'attention_global_every', 'lowrank_rank', 'lowrank_targets')
+# The config.model fields that make a model's parameters and function, said once: a warm start
+# with from_init_from copies them from the start run, and a checkpoint's signature records
+# them (lm.training.checkpoint). Each maps to the value that a checkpoint written before the
+# field existed implies (such checkpoints resume while the run keeps that value), or to
+# EVERY_CHECKPOINT for the fields every checkpoint records.
+EVERY_CHECKPOINT = 'recorded by every checkpoint'
+ARCHITECTURE = {
+    **dict.fromkeys(('vocab_size', 'n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'd_ff',
+                     'max_len', 'causal', 'positions', 'rope_theta', 'norm', 'norm_eps', 'mlp',
+                     'use_bias', 'tie_embeddings', 'param_dtype'), EVERY_CHECKPOINT),
+    'vocab_multiple': 1, 'attention_window': None, 'attention_global_every': 0,
+    'lowrank_rank': 0, 'lowrank_targets': 'attn/(q|kv|o)|mlp/(wi|wo)',
+}
 
 
 def with_architecture_of_init_from(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

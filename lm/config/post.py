@@ -2,36 +2,34 @@
 their data formats, LoRA, RL, quantization and pruning (`lm.config.validate` calls it)."""
 import ml_collections
 
+from lm.config import objective_traits
 from lm.config.checks import ConfigError, one_of
-
-# the data format each objective reads
-OBJECTIVE_FORMATS = {'lm': 'text', 'mlm': 'text', 'distill': 'text', 'sft': 'sft',
-                     'reward': 'preference', 'dpo': 'preference', 'grpo': 'prompt',
-                     'ppo': 'prompt'}
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first bad post-training or compression value."""
   t, d, lora, rl = c.train, c.data, c.lora, c.rl
-  wanted = OBJECTIVE_FORMATS[t.objective]
+  traits = objective_traits.of(c)
+  wanted = traits.data_format
   if d.format != wanted:
     raise ConfigError(f'config.train.objective={t.objective!r} reads config.data.format='
                       f'{wanted!r}, got {d.format!r}')
   if d.format != 'text' and not d.source.startswith('jsonl:'):
     raise ConfigError(f'config.data.format={d.format!r} needs config.data.source=jsonl:PATH, '
                       f'got {d.source!r}')
-  if t.objective == 'mlm' and c.model.causal:
-    raise ConfigError("config.train.objective='mlm' needs a bidirectional model: "
+  if not traits.causal and c.model.causal:
+    raise ConfigError(f'config.train.objective={t.objective!r} needs a bidirectional model: '
                       'config.model.causal=False')
-  if t.objective == 'mlm' and not 0 < c.mlm.rate < 1:
+  if traits.mask_token and not 0 < c.mlm.rate < 1:
     raise ConfigError(f'config.mlm.rate={c.mlm.rate} must be in (0, 1)')
-  if t.objective == 'distill':
+  if traits.teacher:
     if not c.distill.teacher:
-      raise ConfigError("config.train.objective='distill' needs config.distill.teacher=RUN_DIR")
+      raise ConfigError(f'config.train.objective={t.objective!r} needs '
+                        'config.distill.teacher=RUN_DIR')
     if c.distill.temperature <= 0 or not 0 <= c.distill.kl_weight <= 1:
       raise ConfigError(f'config.distill.temperature={c.distill.temperature} must be > 0 and '
                         f'config.distill.kl_weight={c.distill.kl_weight} in [0, 1]')
-  if t.objective in ('dpo', 'grpo', 'ppo') and not t.init_from:
+  if traits.reference and not t.init_from:
     raise ConfigError(f'config.train.objective={t.objective!r} needs config.train.init_from '
                       '(the run whose model is the policy\'s start and the frozen reference)')
   if lora.rank < 0 or (lora.rank and lora.alpha <= 0):
@@ -43,10 +41,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
                       '(the frozen base would hold them quantized)')
   _validate_quant(c)
   _validate_prune(c)
-  if lora.rank and t.objective in ('reward', 'ppo'):
+  if lora.rank and traits.scalar_head:
     raise ConfigError(f'config.lora.rank={lora.rank} with config.train.objective='
                       f'{t.objective!r}: its scalar head would stay frozen; use full training')
-  if t.objective in ('grpo', 'ppo'):
+  if traits.rollouts:
     kind = rl.reward.partition(':')[0]
     if kind not in ('model', 'python') or not rl.reward.partition(':')[2]:
       raise ConfigError(f"config.rl.reward={rl.reward!r} must be 'model:RUN_DIR' or "
@@ -54,9 +52,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if rl.group_size < 1 or t.batch_size % rl.group_size:
       raise ConfigError(f'config.train.batch_size={t.batch_size} is not a multiple of '
                         f'config.rl.group_size={rl.group_size} (completions per prompt)')
-    if t.objective == 'grpo' and rl.group_size < 2:
-      raise ConfigError('config.rl.group_size must be at least 2 for GRPO (advantages are '
-                        'relative to the group)')
+    if traits.group_relative and rl.group_size < 2:
+      raise ConfigError(f'config.rl.group_size must be at least 2 for {t.objective!r} '
+                        '(advantages are relative to the group)')
     k = rl.updates_per_rollout
     for name in ('steps', 'checkpoint_every'):
       if k < 1 or t[name] % k:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm import config as config_lib
-from lm.config import post as config_post
+from lm.config import objective_traits
 from lm.config.checks import ConfigError
 from lm.data import sources, tokenizers
 from lm.parallel import sharding, tpus
@@ -79,7 +79,7 @@ def program_on(config: ml_collections.ConfigDict, devices: list,
                state_layout=None) -> steps.Program:
   """The program a run of a resolved config builds, on a mesh over `devices` (`state_layout`:
   see `steps.build`)."""
-  if config_post.OBJECTIVE_FORMATS[config.train.objective] != 'text':
+  if objective_traits.of(config).data_format != 'text':
     raise ConfigError(f'config.train.objective={config.train.objective!r}: lm.plan plans '
                       'objectives that read text (lm, mlm)')
   return steps.build(config, sharding.make_mesh(config_lib.mesh_shape(config, len(devices)),

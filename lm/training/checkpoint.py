@@ -33,16 +33,15 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.path import atomicity, atomicity_defaults
 
+from lm import config as config_lib
 from lm.config import ConfigError
 from lm.parallel import distributed
 
 # Config fields that a checkpoint depends on: the parameters' shapes, dtypes and function,
 # the optimizer state's structure, and what the data iterator's position means.
 SIGNATURE_FIELDS = (
-    'model.vocab_size', 'model.n_layers', 'model.d_model', 'model.n_heads', 'model.n_kv_heads',
-    'model.d_ff', 'model.max_len', 'model.causal', 'model.positions', 'model.rope_theta',
-    'model.norm', 'model.norm_eps', 'model.mlp', 'model.use_bias', 'model.tie_embeddings',
-    'model.param_dtype', 'model.scan_layers', 'optim.name',
+    *(f'model.{k}' for k, v in config_lib.ARCHITECTURE.items() if v == config_lib.EVERY_CHECKPOINT),
+    'model.scan_layers', 'optim.name',
     'data.source', 'data.text_key', 'data.split_fractions', 'data.tfds_splits', 'data.tokenizer',
     'data.seq_len', 'data.packing', 'data.window_stride', 'data.add_eos',
     'train.batch_size', 'train.seed')
@@ -50,9 +49,11 @@ SIGNATURE_FIELDS = (
 # defaults (so that checkpoints written before they existed still resume).
 LATER_FIELDS = {'train.objective': 'lm', 'data.format': 'text', 'lora.rank': 0,
                 'lora.targets': None, 'lora.rslora': False, 'lora.train_also': '',
-                'data.overlong': 'truncate',
-                'model.attention_window': None, 'quant.scheme': 'none', 'quant.group_size': 0,
-                'model.lowrank_rank': 0, 'model.attention_global_every': 0}
+                'data.overlong': 'truncate', 'quant.scheme': 'none', 'quant.group_size': 0,
+                **{f'model.{k}': v for k, v in config_lib.ARCHITECTURE.items()
+                   if v != config_lib.EVERY_CHECKPOINT}}
+# fields that matter only beside another: recorded only while it is set
+WITH = {'lora.targets': 'lora.rank', 'model.lowrank_targets': 'model.lowrank_rank'}
 
 
 class ResumeError(ConfigError):
@@ -63,8 +64,8 @@ def signature(config, tokenizer_fingerprint: str, stages: int) -> dict:
   """What a checkpoint of this run depends on, as {field: value}."""
   sig = {field: _get(config, field) for field in SIGNATURE_FIELDS}
   sig.update({field: _get(config, field) for field, default in LATER_FIELDS.items()
-              if _get(config, field) != default and not (field == 'lora.targets'
-                                                          and not config.lora.rank)})
+              if _get(config, field) != default and (field not in WITH
+                                                      or _get(config, WITH[field]))})
   repeats = config.model.pipeline_repeats
   # a circular pipeline stores its layers in stage-major order (lm.model.pipeline.logical_order)
   sig['layer order'] = f'{stages} stages x {repeats} repeats' if repeats > 1 else 'logical'

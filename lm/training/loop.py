@@ -14,7 +14,7 @@ from etils import epath
 
 from lm import config as config_lib
 from lm.compress import prune, quant
-from lm.config import ConfigError
+from lm.config import ConfigError, objective_traits
 from lm.data import pipeline, tokenizers
 from lm.inference import sampler as sample
 from lm.model import lora as peft
@@ -60,11 +60,12 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path | None,
   data = pipeline.make_data(config, workdir, functools.partial(sharding.process_rows, mesh),
                             tokenizer_from)
   config = config_lib.resolve(config, data.tokenizer.vocab_size)
-  needed = data.tokenizer.vocab_size + int(config.train.objective == 'mlm')   # + [MASK]
+  mask_token = objective_traits.of(config).mask_token
+  needed = data.tokenizer.vocab_size + int(mask_token)   # + [MASK]
   if config.model.vocab_size < needed:
     raise ConfigError(f'config.model.vocab_size={config.model.vocab_size} is smaller than the '
                       f'{needed} ids of the {config.data.tokenizer!r} tokenizer'
-                      + (' and [MASK]' if config.train.objective == 'mlm' else ''))
+                      + (' and [MASK]' if mask_token else ''))
   config_lib.validate(config, device_count)
   return config, data, steps.build(config, mesh)
 
@@ -124,7 +125,7 @@ class Logger:
       return
     row = {'loss': m['loss'], 'lr': m['lr'], 'grad_norm': m['grad_norm'],
            'skipped_steps': m['skipped_steps']}
-    if self.config.train.objective in ('lm', 'sft'):
+    if objective_traits.of(self.config).perplexity:
       row['perplexity'] = math.exp(min(m['loss'], 50.0))
     row.update({k: v for k, v in m.items() if k not in row and k != 'nonfinite_streak'})
     now = time.perf_counter()
@@ -151,7 +152,7 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
   state = ckpt.restore_latest(program.abstract_state, data.train, run, hint=(
       f'Use a new --workdir, or start a new run from this one with '
       f'--config.train.init_from={workdir}'))
-  if t.objective == 'distill':
+  if objective_traits.of(config).teacher:
     _check_teacher_tokenizer(config, data.tokenizer)
   program.frozen = _frozen(program, workdir, warm, run, t.seed, config.distill.teacher)
   if state is None:
@@ -261,7 +262,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
   # minutes) could silence a process's beats without it being lost
   distributed.watch_peers(peer_timeout)
   t, start_step = config.train, int(state.step)
-  rollouts = rl.Rollouts(config, program, data) if t.objective in ('grpo', 'ppo') else None
+  rollouts = rl.Rollouts(config, program, data) if objective_traits.of(config).rollouts else None
   writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main, total_steps=t.steps)
   bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
                   dynamic_ncols=True, mininterval=1.0)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm.config import ConfigError
+from lm.config import ConfigError, objective_traits
 from lm.inference import sampler as sample
 from lm.objectives import base as objectives
 from lm.objectives import reward as reward_lib
@@ -67,7 +67,7 @@ class Rollouts:
   def __init__(self, config: ml_collections.ConfigDict, program: steps.Program, data):
     from lm.training import runs  # runs builds programs: imported here to keep this module light
     self.config, self.program, self.data, rl = config, program, data, config.rl
-    self.tokenizer, self.ppo = data.tokenizer, config.train.objective == 'ppo'
+    self.tokenizer, self.values = data.tokenizer, objective_traits.of(config).scalar_head
     self.sampler = sample.Sampler(program.model_config, program.mesh, program.rules,
                                   data.tokenizer.vocab_size)
     self.settings = sample.Settings(rl.max_new_tokens, rl.temperature, rl.top_k, rl.top_p,
@@ -91,7 +91,7 @@ class Rollouts:
 
     def score(params, frozen, seqs):
       logp, _, values = objectives.token_logps(program.model, objectives.policy_variables(
-          params, frozen), seqs, False, None, scores=self.ppo)
+          params, frozen), seqs, False, None, scores=self.values)
       ref = objectives.token_logps(program.reference, objectives.reference_variables(frozen),
                                    seqs, False, None)[0]
       return logp, ref, jnp.zeros_like(logp) if values is None else values
@@ -156,7 +156,7 @@ class Rollouts:
         state.params, self.program.frozen, self._global(seqs)))
     mask = seqs['weights'][:, 1:]
     batch = {**seqs, 'old_logp': logp, 'ref_logp': ref}
-    if self.ppo:
+    if self.values:
       advantages, returns = gae(rewards, values, mask, rl.gamma, rl.gae_lambda)
       batch.update(advantages=whiten(advantages, mask), returns=returns, old_values=values)
     else:

@@ -9,7 +9,7 @@ from etils import epath
 
 from lm import config as config_lib
 from lm.compress import quant
-from lm.config import ConfigError
+from lm.config import ConfigError, objective_traits
 from lm.data import tokenizers
 from lm.inference import sampler as sample
 from lm.model import lora as peft
@@ -38,8 +38,8 @@ def load(run_dir: str, field: str, mesh: jax.sharding.Mesh | None = None) -> Run
   if not (directory / 'config.json').exists():
     raise ConfigError(f'{field}={run_dir}: no config.json in {directory}')
   config = config_lib.saved(directory)
-  if config.train.objective == 'distill':   # the student alone: no teacher needed to use it
-    config.train.objective = 'lm'
+  if objective_traits.of(config).teacher:   # the student alone: no teacher needed to use it
+    config.train.objective = objective_traits.NEXT_TOKEN[config.data.format]
   stages = config.mesh.shape[3] if config.mesh.shape[3] > 0 else 1
   config.mesh.shape = (1, 1, 1, 1)
   mesh = mesh or sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1])
@@ -63,6 +63,16 @@ def merged_params(run: Run):
     params = peft.merge_lora(params, run.variables['lora'],
                              peft.effective_alpha(run.config.lora), run.config.lora.rank)
   return params
+
+
+def plain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` (changed in place) as the config of a loaded run's merged parameters: no LoRA
+  adapters (folded in) nor start run, the layers in logical order (as `load` put them). The
+  quantization stays as the caller sets it."""
+  config.lora.update(rank=0, train_also='')
+  config.train.init_from = ''
+  config.model.pipeline_repeats = 1
+  return config
 
 
 def write(target: epath.Path, config: ml_collections.ConfigDict, params, tokenizer,

@@ -20,7 +20,7 @@ from jax.experimental.layout import Format, Layout
 from lm import config as config_lib
 from lm import objectives
 from lm.compress import prune, quant
-from lm.config import ConfigError
+from lm.config import ConfigError, objective_traits
 from lm.model import lora as peft
 from lm.model import transformer as model_lib
 from lm.parallel import sharding
@@ -132,7 +132,7 @@ def model_config_for(config: ml_collections.ConfigDict, stages: int) -> model_li
   LoRA adapters when config.lora.rank > 0."""
   return dataclasses.replace(
       model_lib.ModelConfig.from_config(config.model), pipeline_stages=stages,
-      scalar_head=config.train.objective in ('reward', 'ppo'), lora_rank=config.lora.rank,
+      scalar_head=objective_traits.of(config).scalar_head, lora_rank=config.lora.rank,
       lora_alpha=peft.effective_alpha(config.lora), lora_targets=config.lora.targets,
       quant_scheme=config.quant.scheme, quant_group_size=config.quant.group_size,
       quant_targets=config.quant.targets)
@@ -140,7 +140,7 @@ def model_config_for(config: ml_collections.ConfigDict, stages: int) -> model_li
 
 def teacher_model(config: ml_collections.ConfigDict) -> model_lib.Transformer | None:
   """Distillation's teacher: the model of the run config.distill.teacher (else None)."""
-  if config.train.objective != 'distill':
+  if not objective_traits.of(config).teacher:
     return None
   saved = config_lib.saved(config.distill.teacher)
   teacher = dataclasses.replace(model_lib.ModelConfig.from_config(saved.model),
@@ -160,7 +160,7 @@ def _split(config, variables: dict) -> tuple[Any, dict]:
   too: `objectives.base.policy_variables` lays the trained ones over it)."""
   lora = config.lora.rank > 0
   frozen = {'base': variables['params']} if lora else {}
-  if config.train.objective in ('dpo', 'grpo', 'ppo') and not lora:
+  if objective_traits.of(config).reference and not lora:
     frozen['reference'] = {k: v for k, v in variables['params'].items() if k != 'score_head'}
   if lora and config.lora.train_also:
     return {peft.ADAPTERS: variables['lora'],
