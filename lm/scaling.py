@@ -9,6 +9,7 @@ import json
 
 from lm import cli
 from lm.analysis import scaling
+from lm.config import ConfigError
 
 
 def main(argv=None) -> None:
@@ -32,7 +33,14 @@ def main(argv=None) -> None:
   p.add_argument('--flops', type=float, required=True)
   args = parser.parse_args(argv)
   if args.command == 'plan':
-    print(json.dumps(scaling.plan(json.loads(open(args.fit).read()), args.flops)))
+    try:
+      fit = json.loads(open(args.fit).read())
+    except (OSError, ValueError) as e:
+      raise ConfigError(f'--fit={args.fit}: not a fit printed by `fit` ({e})') from None
+    try:
+      print(json.dumps(scaling.plan(fit, args.flops)))
+    except (KeyError, TypeError) as e:
+      raise ConfigError(f'--fit={args.fit}: not a fit printed by `fit` (no {e})') from None
     return
   columns = [c for c in (args.n_col, args.d_col, args.flops_col, args.loss_col, args.run_col)
              if c]

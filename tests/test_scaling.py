@@ -107,3 +107,16 @@ def test_command_line_fit_plot_and_plan(tmp_path):
   assert abs(6 * planned['N_opt'] * planned['D_opt'] / 1e21 - 1) < 1e-6
   bad = subprocess.run([*command[:6], 'nope', *command[7:]], capture_output=True, text=True)
   assert bad.returncode == 2 and "no column 'nope'" in bad.stderr
+
+
+@pytest.mark.parametrize('text, message', [('', 'Expecting value'), ('{"a": 1}', "no 'G_N'")])
+def test_plan_names_a_file_that_is_not_a_fit(tmp_path, capsys, text, message):
+  from lm import cli
+  from lm import scaling as scaling_command
+  path = tmp_path / 'fit.json'
+  path.write_text(text)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(scaling_command.main, ['plan', '--fit', str(path), '--flops', '1e18'])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and f'--fit={path}: not a fit' in err and message in err
+  assert err.count('\n') == 1

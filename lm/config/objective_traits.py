@@ -25,12 +25,12 @@ class Traits:
 TRAITS = {
     'lm': Traits('text', perplexity=True),
     'sft': Traits('sft', perplexity=True),
-    'mlm': Traits('text', causal=False, mask_token=True),
-    'distill': Traits('text', teacher=True),
     'reward': Traits('preference', scalar_head=True),
     'dpo': Traits('preference', reference=True),
     'grpo': Traits('prompt', reference=True, rollouts=True, group_relative=True),
     'ppo': Traits('prompt', reference=True, rollouts=True, scalar_head=True),
+    'mlm': Traits('text', causal=False, mask_token=True),
+    'distill': Traits('text', teacher=True),
 }
 
 # the next-token objective of each text format (`lm.evaluate` scores any causal run by it)
