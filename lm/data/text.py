@@ -124,9 +124,8 @@ def _eval_batches(corpus_split, streams, split: str, d, t, tokenizer, rows: slic
 
 def text_data(config, workdir: epath.Path | None, rows: Rows = all_rows,
               tokenizer_from: epath.Path | None = None) -> Data:
-  """Tokenizer (saved in / reloaded from the workdir, or copied from `tokenizer_from`, a run
-  directory), training iterator and evaluation batches. Process 0 prepares the files first;
-  the others then read them (or prepare their own copy on another machine)."""
+  """`pipeline.make_data` for config.data.format='text': windows of a token file or packed
+  documents."""
   d, t = config.data, config.train
 
   def prepare():
