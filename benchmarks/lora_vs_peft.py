@@ -177,7 +177,8 @@ def compare(base: str, config_flags: list[str], workdir: pathlib.Path, steps: in
   config.lora.update(rslora=rslora, train_also=train_also)
   config.optim.update(lr=lr, name='adam', weight_decay=0.0)
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=1, async_save=False)
-  config, data, program, state, _ = train.resume_or_start(config, workdir, ckpt)
+  start = train.resume_or_start(config, workdir, ckpt)
+  config, data, program, state = start.config, start.data, start.program, start.state
   initial = jax.device_get(state.params)
   if train_also:
     initial = initial[peft_lib.ADAPTERS]

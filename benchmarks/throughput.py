@@ -39,6 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lm import cli
+from lm import config as config_lib
 from lm.config import ConfigError, sweeps
 from lm.model import pipeline
 from lm.planning import hlo
@@ -66,7 +67,9 @@ class Stepper:
   """One config's compiled train step, its state and 16 batches, stepped a window at a time."""
 
   def __init__(self, config):
-    self.config, data, self.program = train.setup(config, None)
+    config_lib.validate(config_lib.resolve(config, None), jax.device_count())
+    ready = train.setup(config, None)
+    self.config, data, self.program = ready.config, ready.data, ready.program
     self.state = self.program.init(jax.random.PRNGKey(0))
     self.batches = [train.global_batch(self.program, next(data.train),
                                        self.config.train.batch_size) for _ in range(16)]

@@ -13,6 +13,7 @@ import math
 import jax
 
 from lm import cli
+from lm import config as config_lib
 from lm.config import ConfigError, objective_traits
 from lm.training import loop as train
 from lm.training import runs
@@ -44,7 +45,9 @@ def evaluate(workdir: str, splits=('validation', 'test'), source: str | None = N
                       grad_accum_steps=1)
   if eval_batches:
     config.train.eval_batches = eval_batches
-  config, data, program = train.setup(config, run.step_dir.parent.parent)
+  config_lib.validate(config_lib.resolve(config, None), devices)
+  ready = train.setup(config, run.step_dir.parent.parent)
+  config, data, program = ready.config, ready.data, ready.program
   params = jax.device_put({k: v for k, v in params.items() if k != 'score_head'},
                           program.state_sharding.params)
   out = {}

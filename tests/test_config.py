@@ -159,3 +159,27 @@ def test_a_checkpoint_signature_records_every_architecture_field_and_reads_old_o
     problems = checkpoint.differences(
         plain, checkpoint.signature(config_lib.resolve(changed, 65), 'tokenizer', 1))
     assert any(f'config.model.{field}' in p for p in problems), (field, problems)
+
+
+def test_a_run_validates_once_before_any_io_and_once_with_the_vocabulary(tmp_path, monkeypatch):
+  from lm.training import loop
+  calls, validate = [], config_lib.validate
+  workdir = tmp_path / 'run'
+
+  def spy(config, device_count, vocab_size=None, training=True):
+    calls.append((vocab_size, workdir.exists()))
+    validate(config, device_count, vocab_size, training)
+  monkeypatch.setattr(config_lib, 'validate', spy)
+  config = tiny_config(vocab_size=-1)
+  config.train.update(steps=2, eval_every=2, checkpoint_every=2, eval_batches=1)
+  config.sample.num_tokens = 0
+  loop.train(config, workdir)
+  # the char tokenizer of the embedded Tiny Shakespeare: 65 characters
+  assert calls == [(None, False), (65, True)], calls
+
+  calls.clear()   # the tokenizer's ids must fit the model's vocabulary
+  config.model.vocab_size = 64
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.vocab_size=64 is smaller than "
+                     r"the 65 ids of the 'char' tokenizer"):
+    loop.train(config, tmp_path / 'small_vocabulary')
+  assert [vocab for vocab, _ in calls] == [None, 65]

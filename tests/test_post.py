@@ -314,7 +314,7 @@ def _lora_config(**model):
 def _lora_step(config, shape):
   program = build_program(config, shape)
   state = program.init(jax.random.PRNGKey(0))
-  program.frozen = program.init_frozen(jax.random.PRNGKey(0))
+  program = program.with_frozen(program.init_frozen(jax.random.PRNGKey(0)))
   for seed in range(2):
     state, metrics = program.train_step(state, jax.device_put(random_batch(8, 16, seed),
                                                               program.batch_sharding))

@@ -1,7 +1,7 @@
 """What a run is: the defaults and their choices (`base`), checks of one value (`checks`), the
-post-training sections' rules (`post`) and sweeps (`sweeps`). Experiments import this package
+rules of every section (`validation`) and sweeps (`sweeps`). Experiments import this package
 as `from lm import config as config_lib`; its names are `base`'s."""
-from lm.config import base, checks
+from lm.config import base, checks, validation
 
 ConfigError = checks.ConfigError
 one_of = checks.one_of
@@ -21,6 +21,6 @@ get_base_config = base.get_base_config
 mesh_shape = base.mesh_shape
 resolve = base.resolve
 saved = base.saved
-validate = base.validate
+validate = validation.validate
 with_architecture_of_init_from = base.with_architecture_of_init_from
 

@@ -1,9 +1,9 @@
-"""The base config: every value the library reads, with its default, plus validation.
+"""The base config: every value the library reads, with its default.
 
 Experiments start from `get_base_config()` and override numbers. `resolve()` fills the
 values derived from others (written as 0 / -1 here) so the saved config states every
-number a run used; `validate()` rejects bad input with one line naming the field, before
-anything compiles.
+number a run used; `lm.config.validation` rejects bad input with one line naming the field,
+before anything compiles.
 """
 import json
 import math
@@ -13,8 +13,7 @@ import ml_collections
 from etils import epath
 
 from lm.config import objective_traits
-from lm.config import post as config_post
-from lm.config.checks import ConfigError, one_of
+from lm.config.checks import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'stage')
 OPTIMIZERS = ('adamw', 'adam', 'adafactor', 'lion', 'sgd')
@@ -318,114 +317,3 @@ def mesh_shape(c: ml_collections.ConfigDict, device_count: int) -> tuple[int, ..
     raise ConfigError(f'config.mesh.shape={shape} needs {math.prod(shape)} devices '
                       f'but {device_count} are available')
   return shape
-
-
-def _validate_pipeline(c: ml_collections.ConfigDict, stages: int, batch: int,
-                       batch_shards: int) -> None:
-  m = c.model
-  if not m.scan_layers:
-    raise ConfigError('pipeline stages (config.mesh.shape stage > 1) need '
-                      'config.model.scan_layers=True')
-  if m.n_layers % (stages * m.pipeline_repeats):
-    raise ConfigError(f'config.model.n_layers={m.n_layers} is not divisible by the '
-                      f'{stages} pipeline stages of config.mesh.shape x '
-                      f'config.model.pipeline_repeats={m.pipeline_repeats}')
-  if m.pipeline_repeats > 1 and m.pipeline_microbatches < stages:
-    raise ConfigError(f'a circular pipeline (config.model.pipeline_repeats='
-                      f'{m.pipeline_repeats}) needs config.model.pipeline_microbatches='
-                      f'{m.pipeline_microbatches} >= the {stages} stages')
-  micro = m.pipeline_microbatches
-  for name, size in (('the batch', batch),
-                     ('config.train.eval_batch_size', c.train.eval_batch_size)):
-    if micro < 1 or size % micro or (size // micro) % batch_shards:
-      raise ConfigError(f'{name} of {size} sequences does not split into '
-                        f'config.model.pipeline_microbatches={micro} microbatches divisible by '
-                        f'data x fsdp = {batch_shards}')
-
-
-def validate(c: ml_collections.ConfigDict, device_count: int) -> None:
-  """Raises ConfigError for the first bad value; call on a resolved config before compiling
-  (once before building the tokenizer, and again after, with its vocabulary size)."""
-  m, t, d = c.model, c.train, c.data
-  one_of('optim.name', c.optim.name, OPTIMIZERS)
-  one_of('optim.schedule', c.optim.schedule, SCHEDULES)
-  one_of('optim.nonfinite_skip', c.optim.nonfinite_skip, ('auto', 'select', 'branch'))
-  one_of('model.remat', m.remat, REMAT_POLICIES)
-  one_of('model.attention', m.attention, ATTENTION_IMPLEMENTATIONS)
-  one_of('model.positions', m.positions, ('learned', 'rope'))
-  one_of('model.norm', m.norm, ('layernorm', 'rmsnorm'))
-  one_of('model.mlp', m.mlp, ('gelu', 'swiglu'))
-  if not (d.tokenizer.startswith('hf:') and len(d.tokenizer) > 3):
-    one_of('data.tokenizer', d.tokenizer, TOKENIZERS + ('hf:PATH',))
-  one_of('data.packing', d.packing, PACKINGS)
-  one_of('data.format', d.format, DATA_FORMATS)
-  one_of('data.overlong', d.overlong, ('truncate', 'error'))
-  one_of('train.objective', t.objective, OBJECTIVES)
-  if c.mesh.cpu_devices < 0:
-    raise ConfigError(f'config.mesh.cpu_devices={c.mesh.cpu_devices} must be 0 (one CPU device) '
-                      'or the number of devices to split the CPU into')
-  for name in ('n_layers', 'd_model', 'n_heads', 'n_kv_heads', 'd_ff', 'vocab_multiple'):
-    if m[name] <= 0:
-      raise ConfigError(f'config.model.{name}={m[name]} must be positive')
-  for name in ('steps', 'batch_size', 'grad_accum_steps', 'eval_every', 'checkpoint_every',
-               'log_every', 'eval_batch_size', 'keep_checkpoints'):
-    if t[name] <= 0:
-      raise ConfigError(f'config.train.{name}={t[name]} must be positive')
-  if m.d_model % m.n_heads:
-    raise ConfigError(f'config.model.d_model={m.d_model} is not divisible by '
-                      f'config.model.n_heads={m.n_heads}')
-  if m.n_heads % m.n_kv_heads:
-    raise ConfigError(f'config.model.n_heads={m.n_heads} is not divisible by '
-                      f'config.model.n_kv_heads={m.n_kv_heads}')
-  if m.positions == 'rope' and (m.d_model // m.n_heads) % 2:
-    raise ConfigError(f'rope needs an even head dimension, got config.model.d_model / n_heads '
-                      f'= {m.d_model // m.n_heads}')
-  config_post.validate(c)   # after the model's own checks: it divides by them
-  if d.seq_len > m.max_len:
-    raise ConfigError(f'config.data.seq_len={d.seq_len} is longer than the model\'s '
-                      f'config.model.max_len={m.max_len} positions')
-  if m.lowrank_rank < 0:
-    raise ConfigError(f'config.model.lowrank_rank={m.lowrank_rank} must be >= 0')
-  if m.attention_window is not None and (m.attention_window <= 0 or not m.causal):
-    raise ConfigError(f'config.model.attention_window={m.attention_window} must be a positive '
-                      'number of positions, on a causal model (config.model.causal=True)')
-  if m.attention_global_every < 0 or (m.attention_global_every and not m.attention_window):
-    raise ConfigError(f'config.model.attention_global_every={m.attention_global_every} must be '
-                      '>= 0, and > 0 only with config.model.attention_window')
-  if m.attention_global_every and c.mesh.shape[3] not in (0, 1):
-    raise ConfigError('config.model.attention_global_every with pipeline stages is not '
-                      'supported (the stages apply one layer body)')
-  if m.attention == 'cudnn' and m.dtype not in ('bfloat16', 'float16'):
-    raise ConfigError(f"config.model.attention='cudnn' needs a 16-bit config.model.dtype, "
-                      f'got {m.dtype!r}')
-  data, fsdp, tensor, stage = mesh_shape(c, device_count)
-  if t.batch_size % t.grad_accum_steps:
-    raise ConfigError(f'config.train.batch_size={t.batch_size} is not divisible by '
-                      f'config.train.grad_accum_steps={t.grad_accum_steps}')
-  micro = t.batch_size // t.grad_accum_steps
-  if micro % (data * fsdp):
-    raise ConfigError(f'global batch (config.train.batch_size={t.batch_size} / grad_accum_steps='
-                      f'{t.grad_accum_steps}) is not divisible by data x fsdp = {data * fsdp}')
-  if stage > 1:
-    _validate_pipeline(c, stage, micro, data * fsdp)
-  if t.eval_batch_size % (data * fsdp):
-    raise ConfigError(f'config.train.eval_batch_size={t.eval_batch_size} is not divisible by '
-                      f'data x fsdp = {data * fsdp}')
-  for name in ('n_heads', 'n_kv_heads', 'd_ff', 'vocab_size'):
-    if m[name] % tensor and m[name] != -1:   # vocab_size is -1 until the tokenizer is built
-      raise ConfigError(f'config.model.{name}={m[name]} is not divisible by the tensor mesh '
-                        f'axis ({tensor}); change config.mesh.shape or config.model.{name}'
-                        + (' (see vocab_multiple)' if name == 'vocab_size' else ''))
-  if m.d_model % fsdp:
-    raise ConfigError(f'config.model.d_model={m.d_model} is not divisible by the fsdp mesh axis '
-                      f'({fsdp})')
-  o = c.optim
-  if o.name == 'adam' and o.weight_decay:
-    raise ConfigError(f"config.optim.name='adam' ignores config.optim.weight_decay="
-                      f"{o.weight_decay}: use name='adamw' (decoupled decay) or weight_decay=0")
-  if not 0 <= o.warmup_steps < o.decay_steps:
-    raise ConfigError(f'config.optim.warmup_steps={o.warmup_steps} must be at least 0 and less '
-                      f'than config.optim.decay_steps={o.decay_steps} (0 means train.steps)')
-  if not sum(d.split_fractions) <= 1.0 + 1e-9 or min(d.split_fractions) <= 0:
-    raise ConfigError(f'config.data.split_fractions={tuple(d.split_fractions)} must be three '
-                      'positive fractions summing to at most 1')

@@ -1,9 +1,11 @@
 """The training loop: data, init or resume, train / eval / checkpoint, final test and sample."""
 import contextlib
+import dataclasses
 import functools
 import json
 import math
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,23 +53,42 @@ def evaluate(program: steps.Program, params, batches, batch_size: int) -> dict[s
   return {k: float(v / count) for k, v in sums.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A run made ready to step: its config (resolved with the tokenizer's vocabulary), data and
+  compiled program."""
+  config: ml_collections.ConfigDict
+  data: Any
+  program: steps.Program
+
+
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path | None,
-          tokenizer_from: epath.Path | None = None):
-  """Validated config (with the tokenizer's vocabulary), data and the program to compile."""
+          tokenizer_from: epath.Path | None = None) -> Setup:
+  """The data and the program of a config the caller validated before any I/O (with
+  `config_lib.validate`); checked again here once the tokenizer's vocabulary is known."""
   device_count = jax.device_count()
-  config_lib.validate(config_lib.resolve(config, None), device_count)  # before any slow work
   mesh = sharding.make_mesh(config_lib.mesh_shape(config, device_count))
   data = pipeline.make_data(config, workdir, functools.partial(sharding.process_rows, mesh),
                             tokenizer_from)
   config = config_lib.resolve(config, data.tokenizer.vocab_size)
-  mask_token = objective_traits.of(config).mask_token
-  needed = data.tokenizer.vocab_size + int(mask_token)   # + [MASK]
-  if config.model.vocab_size < needed:
-    raise ConfigError(f'config.model.vocab_size={config.model.vocab_size} is smaller than the '
-                      f'{needed} ids of the {config.data.tokenizer!r} tokenizer'
-                      + (' and [MASK]' if mask_token else ''))
-  config_lib.validate(config, device_count)
-  return config, data, steps.build(config, mesh)
+  config_lib.validate(config, device_count, data.tokenizer.vocab_size)
+  return Setup(config, data, steps.build(config, mesh))
+
+
+class TextBatches:
+  """The batch source of the objectives that learn from their data as read: each step the
+  next global batch (RL's source is `rollouts.Rollouts`, with the same two methods)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, program: steps.Program, data):
+    self.program, self.data, self.train = program, data, config.train
+
+  def next_batch(self, state, step: int) -> tuple[dict, dict]:
+    """(the batch of this step, host metrics to log beside the step's)."""
+    del state, step   # the data iterator holds the position
+    return global_batch(self.program, next(self.data.train), self.train.batch_size), {}
+
+  def evaluate(self, params, split: str) -> dict[str, float]:
+    return evaluate(self.program, params, self.data.eval[split], self.train.eval_batch_size)
 
 
 def keep_schedule(config: ml_collections.ConfigDict, latest) -> tuple[ml_collections.ConfigDict,
@@ -137,15 +158,24 @@ class Logger:
     self.bar.set_postfix(loss=f'{m["loss"]:.4f}', refresh=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class Start(Setup):
+  """A run at its first step here: `state` restored from the newest checkpoint or new, and
+  `record`, what every checkpoint of the run carries (its signature, the schedule's length)."""
+  state: steps.TrainState
+  record: dict
+
+
 def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
-                    ckpt: checkpoint.Checkpointer):
-  """(config, data, program, state, run record): the state of the workdir's newest checkpoint,
-  or a new one (from config.train.init_from's parameters when set); says which on stdout."""
+                    ckpt: checkpoint.Checkpointer) -> Start:
+  """The state of the workdir's newest checkpoint, or a new one (from config.train.init_from's
+  parameters when set); says which on stdout."""
   config, schedule_note = keep_schedule(config, ckpt.latest_run())
   t = config.train
   holds_run = bool(ckpt.manager.all_steps()) or bool(list(ckpt.directory.glob('*.corrupt*')))
   warm = checkpoint.warm_start_dirs(t.init_from) if t.init_from and not holds_run else None
-  config, data, program = setup(config, workdir, tokenizer_from=warm[0] if warm else None)
+  ready = setup(config, workdir, tokenizer_from=warm[0] if warm else None)
+  config, data, program = ready.config, ready.data, ready.program
   run = {'signature': checkpoint.signature(config, data.tokenizer.fingerprint,
                                            program.mesh.shape['stage']),
          'decay_steps': config.optim.decay_steps}
@@ -154,7 +184,8 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
       f'--config.train.init_from={workdir}'))
   if objective_traits.of(config).teacher:
     _check_teacher_tokenizer(config, data.tokenizer)
-  program.frozen = _frozen(program, workdir, warm, run, t.seed, config.distill.teacher)
+  program = program.with_frozen(_frozen(program, workdir, warm, run, t.seed,
+                                        config.distill.teacher))
   if state is None:
     state = program.init(jax.random.PRNGKey(t.seed))
     if warm and not config.lora.rank:   # under LoRA the warm start is the frozen base
@@ -184,7 +215,7 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
           f'non-embedding), vocabulary {config.model.vocab_size}, mesh {dict(program.mesh.shape)}, '
           f'objective {t.objective}')
     print(_trainable_summary(program, state))
-  return config, data, program, state, run
+  return Start(config, data, program, state, run)
 
 
 def _frozen(program: steps.Program, workdir: epath.Path, warm, run: dict, seed: int,
@@ -251,30 +282,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
   is_main = jax.process_index() == 0
   config = config_lib.with_architecture_of_init_from(config)
   config_lib.validate(config_lib.resolve(config, None), jax.device_count())  # before any I/O
-  if config.quant.scheme != 'none' and not config.lora.rank:
-    raise ConfigError(f'config.quant.scheme={config.quant.scheme!r} trains only LoRA adapters on '
-                      'the quantized base (QLoRA): set config.lora.rank > 0')
   t = config.train
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', t.keep_checkpoints,
                                  t.async_checkpoints)
-  config, data, program, state, run = resume_or_start(config, workdir, ckpt)
+  start = resume_or_start(config, workdir, ckpt)
+  config, data, program, state = start.config, start.data, start.program, start.state
   # watched from here: preparing the data (a tokenizer trained in C++ may hold the GIL for
   # minutes) could silence a process's beats without it being lost
   distributed.watch_peers(peer_timeout)
   t, start_step = config.train, int(state.step)
-  rollouts = rl.Rollouts(config, program, data) if objective_traits.of(config).rollouts else None
+  source = (rl.Rollouts if objective_traits.of(config).rollouts else TextBatches)(
+      config, program, data)
   writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main, total_steps=t.steps)
   bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
                   dynamic_ncols=True, mininterval=1.0)
   try:   # closed on any error too: tensorboardX's exit handler fails at shutdown on 3.12
     logger = Logger(config, program, writer, bar, start_step)
-    evaluate_on = functools.partial(_evaluate, program, data, rollouts, t.eval_batch_size)
+    evaluate_on = functools.partial(_evaluate, source)
     val = None
     for step in range(start_step + 1, t.steps + 1):
-      if rollouts is None:
-        batch, host_metrics = global_batch(program, next(data.train), t.batch_size), {}
-      elif (step - 1) % config.rl.updates_per_rollout == 0:   # then reused for the next updates
-        batch, host_metrics = rollouts(state, next(data.train), step)
+      batch, host_metrics = source.next_batch(state, step)
       state, step_metrics = program.train_step(state, batch)
       logger.push(step, {**step_metrics, **host_metrics})
       evaluates = step % t.eval_every == 0 or step == t.steps
@@ -287,7 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
         if is_main:
           bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
       if checkpoints:
-        ckpt.save(step, state, data.train, run)
+        ckpt.save(step, state, data.train, start.record)
       bar.update()
     logger.flush()
     bar.close()
@@ -324,13 +351,10 @@ def _timed(fn, *args):
   return result, round(time.perf_counter() - start, 3)
 
 
-def _evaluate(program, data, rollouts, batch_size: int, params, split: str) -> dict[str, float]:
-  """Metrics on a split, named like val_loss / test_accuracy: the objective's loss and
-  metrics, or for RL the mean reward of greedy completions."""
+def _evaluate(source, params, split: str) -> dict[str, float]:
+  """The batch source's metrics on a split, named like val_loss / test_accuracy."""
   prefix = {'validation': 'val', 'test': 'test'}[split]
-  metrics = (rollouts.evaluate(params, split) if rollouts else
-             evaluate(program, params, data.eval[split], batch_size))
-  return {f'{prefix}_{k}': v for k, v in metrics.items()}
+  return {f'{prefix}_{k}': v for k, v in source.evaluate(params, split).items()}
 
 
 def _sample(config, program: steps.Program, params, tokenizer) -> str | None:

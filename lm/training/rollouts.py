@@ -146,7 +146,15 @@ class Rollouts:
     return np.asarray(self.score_rewards(self.reward_run.variables,
                                          {**scored, 'lengths': lengths.astype(np.int32)}))
 
-  def __call__(self, state, prompts_batch: dict, step: int) -> tuple[dict, dict]:
+  def next_batch(self, state, step: int) -> tuple[dict, dict]:
+    """(the batch of this step, host metrics): a new rollout every
+    config.rl.updates_per_rollout steps, the updates between reusing it (validation keeps
+    checkpoints, hence resumes, on rollout boundaries)."""
+    if (step - 1) % self.config.rl.updates_per_rollout == 0:
+      self.last = self.rollout(state, next(self.data.train), step)
+    return self.last
+
+  def rollout(self, state, prompts_batch: dict, step: int) -> tuple[dict, dict]:
     """(the training batch, host metrics) for one rollout."""
     rl = self.config.rl
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, step), 1 << 20)

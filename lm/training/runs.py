@@ -47,7 +47,7 @@ def load(run_dir: str, field: str, mesh: jax.sharding.Mesh | None = None) -> Run
   abstract = program.abstract_state.params
   params = quant.from_stored(_restore(step_dir / 'state', {
       'params': quant.stored_target(abstract)})['params'], abstract)
-  program.frozen = load_frozen(directory, program, only=('base',))   # no reference needed
+  program = program.with_frozen(load_frozen(directory, program, only=('base',)))   # no reference
   # a circular pipeline stored its layers stage-major: put them in logical order once
   stored = dataclasses.replace(program.model_config, pipeline_stages=stages)
   variables = sample.in_logical_order(stored, program.variables(params))

@@ -84,12 +84,12 @@ def eval_step(params, frozen: dict, batch, *, objective):
   return objective(params, frozen, batch, None, False)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Program:
   """A model, objective and optimizer compiled for a mesh.
 
-  `frozen` holds what the objective reads but never trains (see lm/objectives/): set it
-  before stepping (from `init_frozen`, or loaded from config.train.init_from)."""
+  `frozen` holds what the objective reads but never trains (see lm/objectives/): before
+  stepping, take `with_frozen(...)` of it (from `init_frozen`, or loaded from a run)."""
   model: model_lib.Transformer
   model_config: model_lib.ModelConfig
   reference: model_lib.Transformer   # the frozen reference's model (no heads, no adapters)
@@ -107,6 +107,9 @@ class Program:
   jitted_train_step: Callable
   jitted_eval_step: Callable
   frozen: dict = dataclasses.field(default_factory=dict)
+
+  def with_frozen(self, frozen: dict) -> 'Program':
+    return dataclasses.replace(self, frozen=frozen)
 
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     return self.jitted_train_step(state, batch, self.frozen)
