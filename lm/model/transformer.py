@@ -350,49 +350,61 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL, train: bool = False, *, positions=None, segments=None,
                scores: bool = False):
-    cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(cfg.init_std), ('vocab', 'embed')), name='embed')
+    x_BxLxD = self._embed(embed, tokens_BxL, positions, train)
+    x_BxLxD = self._layers(x_BxLxD, positions, segments, train)
+    return self._head(embed, make_norm(cfg, 'norm_out')(x_BxLxD), scores)
+
+  def _embed(self, embed: nn.Embed, tokens_BxL, positions_BxL, train: bool):
+    """Token embeddings (plus learned positions), with dropout."""
+    cfg = self.cfg
     x_BxLxD = embed(tokens_BxL)
     if cfg.positions == 'learned':
       pos_MxD = self.param('pos_embed', nn.with_logical_partitioning(
           nn.initializers.normal(cfg.init_std), (None, 'embed')), (cfg.max_len, cfg.d_model),
           cfg.param_dtype)
-      x_BxLxD = x_BxLxD + jnp.take(pos_MxD, positions, axis=0).astype(cfg.dtype)
+      x_BxLxD = x_BxLxD + jnp.take(pos_MxD, positions_BxL, axis=0).astype(cfg.dtype)
     x_BxLxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxLxD)
-    x_BxLxD = nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'act_embed'))
+    return nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'act_embed'))
 
+  def _layers(self, x_BxLxD, positions, segments, train: bool):
+    """The n_layers blocks, applied one of four ways: unrolled (scan_layers=False), scanned,
+    as pipeline stages, or a circular pipeline's stages put back in logical order."""
+    cfg = self.cfg
     block = Block
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     every = cfg.attention_global_every if cfg.attention_window else 0
     is_global = [every > 0 and (i + 1) % every == 0 for i in range(cfg.n_layers)]
-    if cfg.scan_layers:
-      layers = _stack(block, cfg.n_layers, bool(every))(cfg, not train, self.decode,
-                                                        name='layers')
-      circular = cfg.pipeline_stages > 1 and cfg.pipeline_repeats > 1
-      if self.is_initializing() or cfg.pipeline_stages == 1 or (
-          cfg.pipeline_microbatches == 0 and not circular):
-        x_BxLxD, _ = layers(x_BxLxD, positions, segments,
-                            *([jnp.array(is_global)] if every else []))
-      elif cfg.pipeline_microbatches > 0:
-        x_BxLxD = self._pipelined(block, _layer_variables(layers), x_BxLxD, positions,
-                                  segments, train)
-      else:   # a circular pipeline's layers used unpipelined: stored out of logical order
-        order = jnp.array(pipeline.logical_order(cfg.n_layers, cfg.pipeline_stages,
-                                                 cfg.pipeline_repeats))
-        in_order = jax.tree.map(lambda p: p[order], _layer_variables(layers))
-        x_BxLxD = self._apply_stack(block, cfg.n_layers, in_order, x_BxLxD,
-                                    (positions, segments), self._dropout_rng(train), train)
-    else:
+    if not cfg.scan_layers:
       for i in range(cfg.n_layers):
         x_BxLxD, _ = block(cfg, not train, self.decode, name=f'layers_{i}')(
             x_BxLxD, positions, segments, is_global[i])
+      return x_BxLxD
+    layers = _stack(block, cfg.n_layers, bool(every))(cfg, not train, self.decode, name='layers')
+    circular = cfg.pipeline_stages > 1 and cfg.pipeline_repeats > 1
+    if self.is_initializing() or cfg.pipeline_stages == 1 or (
+        cfg.pipeline_microbatches == 0 and not circular):
+      return layers(x_BxLxD, positions, segments, *([jnp.array(is_global)] if every else []))[0]
+    if cfg.pipeline_microbatches > 0:
+      return self._pipelined(block, _layer_variables(layers), x_BxLxD, positions, segments,
+                             train)
+    # a circular pipeline's layers used unpipelined: stored out of logical order
+    order = jnp.array(pipeline.logical_order(cfg.n_layers, cfg.pipeline_stages,
+                                             cfg.pipeline_repeats))
+    in_order = jax.tree.map(lambda p: p[order], _layer_variables(layers))
+    return self._apply_stack(block, cfg.n_layers, in_order, x_BxLxD, (positions, segments),
+                             self._dropout_rng(train), train)
 
-    x_BxLxD = make_norm(cfg, 'norm_out')(x_BxLxD)
+  def _head(self, embed: nn.Embed, x_BxLxD, scores: bool):
+    """Float32 logits from the final hidden states (the embedding table, or its own head), and
+    with `scores` the scalar head's."""
+    cfg = self.cfg
     if cfg.tie_embeddings:
       table_VxD = embed.embedding
     else:

@@ -196,53 +196,18 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       config.prune, config.train.steps) if config.prune.method != 'none' else None,
       platform=mesh.devices.flat[0].platform)
   rules = sharding.rules(config)
-
-  def init_variables(rng):
-    return model.init(rng, jnp.zeros((1, config.data.seq_len), jnp.int32))
-
-  boxed = sharding.with_mesh(jax.eval_shape, mesh, rules)(init_variables, jax.random.PRNGKey(0))
-  if config.lora.rank and 'lora' not in boxed:
-    kernels = sorted({'/'.join(str(k.key) for k in path[:-1]) for path, _ in
-                      jax.tree_util.tree_flatten_with_path(nn.unbox(boxed['params']))[0]
-                      if path[-1].key == 'kernel'})
-    raise ConfigError(f'config.lora.targets={config.lora.targets!r} matches no module; '
-                      f'the Linear modules are: {", ".join(kernels)}')
-  if config.lora.train_also and not peft.selected(nn.unbox(boxed['params']),
-                                                   config.lora.train_also):
-    paths = sorted('/'.join(str(k.key) for k in path) for path, _ in
-                   jax.tree_util.tree_flatten_with_path(nn.unbox(boxed['params']))[0])
-    raise ConfigError(f'config.lora.train_also={config.lora.train_also!r} matches no parameter; '
-                      f'they are: {", ".join(paths)}')
-  boxed_params, boxed_frozen = _split(config, boxed)
-  if teacher is not None:   # frozen, of its own size, sharded by the same rules
-    boxed_frozen['teacher'] = sharding.with_mesh(jax.eval_shape, mesh, rules)(
-        teacher.init, jax.random.PRNGKey(0),
-        jnp.zeros((1, config.data.seq_len), jnp.int32))['params']
+  in_mesh = lambda fn: sharding.with_mesh(fn, mesh, rules)
+  init, init_frozen = _initializers(config, model, teacher, tx)
+  boxed_params, boxed_frozen = in_mesh(jax.eval_shape)(
+      functools.partial(_boxed, config, model, teacher))
   params_sharding = sharding.params_shardings(boxed_params, mesh, rules)
   frozen_sharding = sharding.params_shardings(boxed_frozen, mesh, rules)
   abstract_params = nn.unbox(boxed_params)
-  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
   replicated = sharding.replicated(mesh)
   state_sharding = TrainState(
       step=replicated, params=params_sharding, rng=replicated,
-      opt_state=sharding.opt_state_shardings(tx, abstract_opt_state, abstract_params,
-                                             params_sharding, mesh))
-
-  def init(rng):
-    params = _split(config, nn.unbox(init_variables(rng)))[0]
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.fold_in(rng, 1))
-
-  def init_frozen(rng):   # the teacher's parameters are loaded from its run (lm/training/loop.py)
-    frozen = _split(config, nn.unbox(init_variables(rng)))[1]
-    if teacher is not None:
-      frozen['teacher'] = nn.unbox(teacher.init(rng, jnp.zeros((1, 1), jnp.int32))['params'])
-    return frozen
-
-  with_shardings = lambda tree, shardings: jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-  abstract_state = with_shardings(sharding.with_mesh(jax.eval_shape, mesh, rules)(
-      init, jax.random.PRNGKey(0)), state_sharding)
+      opt_state=sharding.opt_state_shardings(tx, jax.eval_shape(tx.init, abstract_params),
+                                             abstract_params, params_sharding, mesh))
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
                               accum_steps=config.train.grad_accum_steps)
@@ -252,16 +217,66 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   return Program(
       model=model, model_config=model_config, reference=reference, objective=objective, tx=tx,
       schedule=schedule, mesh=mesh, rules=rules, state_sharding=state_sharding,
-      batch_sharding=batch_sharding, abstract_state=abstract_state,
-      abstract_frozen=with_shardings(nn.unbox(boxed_frozen), frozen_sharding),
-      init=sharding.with_mesh(jax.jit(init, out_shardings=state_sharding,
-                                      compiler_options=once), mesh, rules),
-      init_frozen=sharding.with_mesh(jax.jit(init_frozen, out_shardings=frozen_sharding,
-                                             compiler_options=once), mesh, rules),
-      jitted_train_step=sharding.with_mesh(jax.jit(
+      batch_sharding=batch_sharding,
+      abstract_state=_with_shardings(in_mesh(jax.eval_shape)(init, jax.random.PRNGKey(0)),
+                                     state_sharding),
+      abstract_frozen=_with_shardings(nn.unbox(boxed_frozen), frozen_sharding),
+      init=in_mesh(jax.jit(init, out_shardings=state_sharding, compiler_options=once)),
+      init_frozen=in_mesh(jax.jit(init_frozen, out_shardings=frozen_sharding,
+                                  compiler_options=once)),
+      jitted_train_step=in_mesh(jax.jit(
           step_fn, in_shardings=(step_state, batch_sharding, frozen_sharding),
-          out_shardings=(step_state, replicated), donate_argnums=0), mesh, rules),
-      jitted_eval_step=sharding.with_mesh(jax.jit(
+          out_shardings=(step_state, replicated), donate_argnums=0)),
+      jitted_eval_step=in_mesh(jax.jit(
           functools.partial(eval_step, objective=objective),
           in_shardings=(params_sharding, frozen_sharding, batch_sharding),
-          out_shardings=replicated), mesh, rules))
+          out_shardings=replicated)))
+
+
+def _init_variables(config: ml_collections.ConfigDict, model, rng) -> dict:
+  return model.init(rng, jnp.zeros((1, config.data.seq_len), jnp.int32))
+
+
+def _initializers(config: ml_collections.ConfigDict, model, teacher, tx):
+  """(init: rng -> TrainState, init_frozen: rng -> the frozen dict), both unjitted."""
+  def init(rng):
+    params = _split(config, nn.unbox(_init_variables(config, model, rng)))[0]
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.fold_in(rng, 1))
+
+  def init_frozen(rng):   # the teacher's parameters are loaded from its run (lm/training/loop.py)
+    frozen = _split(config, nn.unbox(_init_variables(config, model, rng)))[1]
+    if teacher is not None:
+      frozen['teacher'] = nn.unbox(teacher.init(rng, jnp.zeros((1, 1), jnp.int32))['params'])
+    return frozen
+  return init, init_frozen
+
+
+def _boxed(config: ml_collections.ConfigDict, model, teacher) -> tuple[Any, dict]:
+  """(trained, frozen) variables with their logical axes, traced by shape only (under
+  jax.eval_shape); ConfigError where config.lora's patterns select nothing."""
+  boxed = _init_variables(config, model, jax.random.PRNGKey(0))
+  _check_lora_selects(config, boxed)
+  params, frozen = _split(config, boxed)
+  if teacher is not None:   # frozen, of its own size, sharded by the same rules
+    frozen['teacher'] = teacher.init(jax.random.PRNGKey(0),
+                                     jnp.zeros((1, config.data.seq_len), jnp.int32))['params']
+  return params, frozen
+
+
+def _check_lora_selects(config: ml_collections.ConfigDict, boxed: dict) -> None:
+  paths = ['/'.join(str(k.key) for k in path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(nn.unbox(boxed['params']))[0]]
+  if config.lora.rank and 'lora' not in boxed:
+    kernels = sorted({p.rpartition('/')[0] for p in paths if p.endswith('/kernel')})
+    raise ConfigError(f'config.lora.targets={config.lora.targets!r} matches no module; '
+                      f'the Linear modules are: {", ".join(kernels)}')
+  if config.lora.train_also and not peft.selected(nn.unbox(boxed['params']),
+                                                   config.lora.train_also):
+    raise ConfigError(f'config.lora.train_also={config.lora.train_also!r} matches no parameter; '
+                      f'they are: {", ".join(sorted(paths))}')
+
+
+def _with_shardings(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                      shardings)
