@@ -46,7 +46,7 @@ def main(argv) -> None:
     # names the lost process and ends this one within the timeout
     distributed.await_lost_peer(e, _PEER_TIMEOUT.value)
     from lm.training import checkpoint
-    problem = checkpoint.storage_problem(e, str(checkpoint.absolute(_WORKDIR.value)))
+    problem = checkpoint.storage_problem(e, str(config_lib.RunDir(_WORKDIR.value).path))
     if isinstance(e, checkpoint.StorageError):
       message = str(e)
     elif problem:

@@ -168,3 +168,21 @@ def test_objective_names_are_compared_nowhere_but_in_their_table():
   assert _objective_comparisons("if config.train.objective in ('dpo', 'ppo'): pass", names)
   assert _objective_comparisons("name == 'mlm'", names)
   assert not _objective_comparisons("if fmt == 'sft': pass", names)
+
+
+# Hugging Face model directories have their own config.json and tokenizer.json
+HF_DIRECTORIES = ('lm.interop.hf', 'lm.data.tokenizers')
+
+
+def test_the_run_directory_layout_is_spelled_only_in_rundir():
+  from lm.config.rundir import RunDir
+  run = RunDir('/r')
+  names = {getattr(run, k).name for k, v in vars(RunDir).items() if isinstance(v, property)}
+  assert {'config.json', 'tokenizer.json', 'checkpoints', 'final.json'} <= names
+  spelled = sorted(
+      f'{name}: {node.value!r}' for name, path in LM.items()
+      if name != 'lm.config.rundir'
+      for node in ast.walk(ast.parse(path.read_text()))
+      if isinstance(node, ast.Constant) and node.value in names
+      and not (name in HF_DIRECTORIES and node.value in ('config.json', 'tokenizer.json')))
+  assert not spelled, spelled

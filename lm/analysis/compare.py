@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 
 from lm.analysis import scaling
+from lm.config import RunDir
 from lm.model import transformer as model_lib
 
 COLUMNS = ('run', 'params', 'tokens', 'flops', 'final_val_loss', 'best_val_loss', 'test_loss',
@@ -27,24 +28,25 @@ COLUMNS = ('run', 'params', 'tokens', 'flops', 'final_val_loss', 'best_val_loss'
 def find_runs(paths: list[str]) -> list[epath.Path]:
   runs = []
   for path in map(epath.Path, paths):
-    if (path / 'config.json').exists():
+    if RunDir(path).config.exists():
       runs.append(path)
     else:
-      runs += sorted(p.parent for p in path.glob('*/config.json'))
+      runs += sorted(p.parent for p in path.glob(f'*/{RunDir(path).config.name}'))
   return runs
 
 
 def load_run(path: epath.Path) -> dict:
   """One run's summary row and curves."""
-  config = ml_collections.ConfigDict(json.loads((path / 'config.json').read_text()))
+  run = RunDir(path)
+  config = ml_collections.ConfigDict(json.loads(run.config.read_text()))
   model = model_lib.ModelConfig.from_config(config.model)
-  metrics = [json.loads(line) for line in (path / 'metrics.jsonl').read_text().splitlines()
-             if line.strip()] if (path / 'metrics.jsonl').exists() else []
+  metrics = [json.loads(line) for line in run.metrics.read_text().splitlines()
+             if line.strip()] if run.metrics.exists() else []
   tokens_per_step = config.train.batch_size * config.data.seq_len
   flops_per_token = model.flops_per_token(config.data.seq_len)
   val = [(m['step'], m['val_loss']) for m in metrics if 'val_loss' in m]
   train = [(m['step'], m['loss']) for m in metrics if 'loss' in m]
-  final = json.loads((path / 'final.json').read_text()) if (path / 'final.json').exists() else {}
+  final = json.loads(run.final.read_text()) if run.final.exists() else {}
   last_step = max([s for s, _ in val + train] or [0])
   speeds = [m['tokens_per_s'] for m in metrics if m.get('tokens_per_s')]
   mfus = [m['mfu'] for m in metrics if m.get('mfu')]

@@ -1,7 +1,7 @@
 """What a run is: the defaults and their choices (`base`), checks of one value (`checks`), the
 rules of every section (`validation`) and sweeps (`sweeps`). Experiments import this package
 as `from lm import config as config_lib`; its names are `base`'s."""
-from lm.config import base, checks, validation
+from lm.config import base, checks, rundir, validation
 
 ConfigError = checks.ConfigError
 one_of = checks.one_of
@@ -11,6 +11,7 @@ DATA_FORMATS = base.DATA_FORMATS
 DEFAULT_DATA_DIR = base.DEFAULT_DATA_DIR
 EVERY_CHECKPOINT = base.EVERY_CHECKPOINT
 MESH_AXES = base.MESH_AXES
+RunDir = rundir.RunDir
 OBJECTIVES = base.OBJECTIVES
 OPTIMIZERS = base.OPTIMIZERS
 PACKINGS = base.PACKINGS

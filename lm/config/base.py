@@ -10,9 +10,8 @@ import math
 import os
 
 import ml_collections
-from etils import epath
 
-from lm.config import objective_traits
+from lm.config import objective_traits, rundir
 from lm.config.checks import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'stage')
@@ -277,9 +276,8 @@ def with_architecture_of_init_from(c: ml_collections.ConfigDict) -> ml_collectio
     return c
   if not c.train.init_from:
     raise ConfigError('config.model.from_init_from=True needs config.train.init_from')
-  run = epath.Path(c.train.init_from)
-  run = run.parent.parent if (run / 'state').exists() else run
-  source = saved(run)
+  given = rundir.absolute(c.train.init_from)
+  source = saved(given.parent.parent if (given / rundir.STATE).exists() else given)
   c = ml_collections.ConfigDict(c.to_dict())
   c.model.update({k: source.model[k] for k in ARCHITECTURE if k in source.model})
   c.data.tokenizer = source.data.tokenizer
@@ -291,7 +289,7 @@ def saved(directory) -> ml_collections.ConfigDict:
   keep their defaults), with JSON lists back as tuples."""
   as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, list) else v
   config = get_base_config()
-  path = epath.Path(directory) / 'config.json'
+  path = rundir.RunDir(directory).config
   if not path.exists():
     raise ConfigError(f'{directory}: no config.json (not a run directory)')
   for section, values in json.loads(path.read_text()).items():

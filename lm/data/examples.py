@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from lm.config import ConfigError
+from lm.config import ConfigError, RunDir
 from lm.data import local_text, sources, text, tokenizers
 from lm.parallel import distributed
 
@@ -241,9 +241,9 @@ def make_data(config, workdir: epath.Path | None, rows: text.Rows,
 
   def prepare():
     examples = read_examples(path, d.format)
-    saved = workdir / 'tokenizer.json' if workdir else None
+    saved = RunDir(workdir).tokenizer if workdir else None
     if saved and tokenizer_from and not saved.exists():
-      tokenizers.copy(tokenizer_from / 'tokenizer.json', saved)
+      tokenizers.copy(RunDir(tokenizer_from).tokenizer, saved)
     tokenizer = tokenizers.load_or_build(
         d.tokenizer, (text for ex in examples for text in texts(ex, d.format)),
         d.spm_vocab_size, saved)

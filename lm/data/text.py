@@ -27,7 +27,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from lm.config import ConfigError
+from lm.config import ConfigError, RunDir
 from lm.data import sources, tokenizers
 from lm.parallel import distributed
 
@@ -130,9 +130,9 @@ def text_data(config, workdir: epath.Path | None, rows: Rows = all_rows,
 
   def prepare():
     corpus = sources.documents(d)
-    path = workdir / 'tokenizer.json' if workdir else None
+    path = RunDir(workdir).tokenizer if workdir else None
     if path and tokenizer_from and not path.exists():
-      tokenizers.copy(tokenizer_from / 'tokenizer.json', path)
+      tokenizers.copy(RunDir(tokenizer_from).tokenizer, path)
     texts = corpus.splits['train'] if d.tokenizer.startswith('spm') else _all(corpus.splits)
     tokenizer = tokenizers.load_or_build(d.tokenizer, texts, d.spm_vocab_size, path)
     if d.add_eos and tokenizer.eos_id is None:

@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from lm import config as config_lib
 from lm.compress import svd
-from lm.config import ConfigError
+from lm.config import ConfigError, RunDir
 from lm.data import tokenizers
 from lm.interop import hf_layout as layout
 from lm.parallel import sharding
@@ -136,7 +136,7 @@ def import_model(hf_dir: str, workdir: str, mesh_shape=(1, 1, 1, 1),
   family, parameter count, peak host memory) and the params ('params', on the mesh)."""
   directory = epath.Path(hf_dir)
   where = f'--from={hf_dir}'
-  if (epath.Path(workdir) / 'checkpoints').exists():   # before reading anything
+  if RunDir(workdir).checkpoints.exists():   # before reading anything
     raise ConfigError(f'--workdir={workdir} already holds checkpoints')
   if not (directory / 'config.json').exists():
     raise ConfigError(f'{where}: no config.json')

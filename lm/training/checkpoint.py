@@ -21,7 +21,6 @@ import concurrent.futures
 import errno
 import json
 import logging
-import os
 import shutil
 
 import google_crc32c
@@ -34,7 +33,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint._src.path import atomicity, atomicity_defaults
 
 from lm import config as config_lib
-from lm.config import ConfigError
+from lm.config import ConfigError, rundir
 from lm.parallel import distributed
 
 # Config fields that a checkpoint depends on: the parameters' shapes, dtypes and function,
@@ -472,26 +471,6 @@ class Checkpointer:
     self._storage_guard(self._in_flight, self.manager.close)
 
 
-def absolute(path) -> epath.Path:
-  """`path` made absolute: Orbax refuses relative paths (gs:// ones are absolute)."""
-  path = epath.Path(path)
-  return path if path.is_absolute() else epath.Path(os.path.abspath(path))
-
-
-def warm_start_dirs(init_from: str, field: str = 'config.train.init_from'
-                    ) -> tuple[epath.Path, epath.Path]:
-  """(run directory, checkpoint step directory) of a run directory (its newest checkpoint)
-  or one of its checkpoints/STEP directories."""
-  path = absolute(init_from)
-  if (path / 'state').exists():
-    return path.parent.parent, path
-  steps = [int(p.name) for p in (path / 'checkpoints').glob('*') if p.name.isdigit()]
-  if not steps:
-    raise ConfigError(f'{field}={init_from!r} holds no checkpoint (give a run '
-                      'directory or RUN_DIR/checkpoints/STEP)')
-  return path, path / 'checkpoints' / str(max(steps))
-
-
 def load_params(step_dir: epath.Path, abstract_params, run: dict, field: str, fresh=None):
   """The parameters of another run's checkpoint, onto this run's shardings; ResumeError
   naming every parameter whose shape or dtype differs from this model's. Entries of `fresh`
@@ -506,7 +485,7 @@ def load_params(step_dir: epath.Path, abstract_params, run: dict, field: str, fr
       raise ResumeError(f'{field}: {step_dir} stores its layers in {order} order, this run in '
                         f'{run["signature"]["layer order"]} order (pipeline stages x repeats)')
   checkpointer = ocp.PyTreeCheckpointer()
-  metadata = checkpointer.metadata(step_dir / 'state').item_metadata
+  metadata = checkpointer.metadata(step_dir / rundir.STATE).item_metadata
   new = {k for k in (fresh or {}) if k not in metadata['params']}
   wanted = {k: v for k, v in abstract_params.items() if k not in new}
   problems = shape_differences(shapes({'params': metadata['params']}),
@@ -516,7 +495,7 @@ def load_params(step_dir: epath.Path, abstract_params, run: dict, field: str, fr
     raise ResumeError(f'{field}: the parameters of {step_dir} do not fit this model: '
                       + '; '.join(shown))
   target = {'params': wanted}
-  restored = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+  restored = checkpointer.restore(step_dir / rundir.STATE, args=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True))
   return {**restored['params'], **{k: fresh[k] for k in new}}

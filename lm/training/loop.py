@@ -16,7 +16,7 @@ from etils import epath
 
 from lm import config as config_lib
 from lm.compress import prune, quant
-from lm.config import ConfigError, objective_traits
+from lm.config import ConfigError, RunDir, objective_traits
 from lm.data import pipeline, tokenizers
 from lm.inference import sampler as sample
 from lm.model import lora as peft
@@ -173,8 +173,10 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
   config, schedule_note = keep_schedule(config, ckpt.latest_run())
   t = config.train
   holds_run = bool(ckpt.manager.all_steps()) or bool(list(ckpt.directory.glob('*.corrupt*')))
-  warm = checkpoint.warm_start_dirs(t.init_from) if t.init_from and not holds_run else None
-  ready = setup(config, workdir, tokenizer_from=warm[0] if warm else None)
+  # the run and step directory of a warm start (config.train.init_from), when one starts here
+  warm_run, warm = (RunDir.locate(t.init_from, 'config.train.init_from')
+                    if t.init_from and not holds_run else (None, None))
+  ready = setup(config, workdir, tokenizer_from=warm_run and warm_run.path)
   config, data, program = ready.config, ready.data, ready.program
   run = {'signature': checkpoint.signature(config, data.tokenizer.fingerprint,
                                            program.mesh.shape['stage']),
@@ -192,7 +194,7 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
       # a scalar head (reward, value) new to this run keeps its fresh initialisation
       heads = {k: v for k, v in state.params.items() if k == 'score_head'}
       state = state.replace(params=checkpoint.load_params(
-          warm[1], program.abstract_state.params, run, 'config.train.init_from', fresh=heads))
+          warm, program.abstract_state.params, run, 'config.train.init_from', fresh=heads))
     if config.lora.train_also:   # trained beside the adapters, from the base's values
       state = state.replace(params={**state.params, peft.FULL: jax.tree.map(
           jnp.copy, peft.selected(program.frozen['base'], config.lora.train_also))})
@@ -203,14 +205,14 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
   start_step = int(state.step)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    RunDir(workdir).config.write_text(config.to_json_best_effort(indent=2))
     counts = program.model_config.param_counts()
     if start_step and schedule_note:
       print(schedule_note)
     set_aside = ''.join(f' (checkpoint {step} set aside as {name}: {why})'
                         for step, name, why in ckpt.set_aside)
     start = (f'resuming at step {start_step}{set_aside}' if start_step else
-             f'starting from the parameters of {warm[1]}' if warm else 'starting')
+             f'starting from the parameters of {warm}' if warm else 'starting')
     print(f'{start}: {counts["total"]:,} parameters ({counts["non_embedding"]:,} '
           f'non-embedding), vocabulary {config.model.vocab_size}, mesh {dict(program.mesh.shape)}, '
           f'objective {t.objective}')
@@ -225,18 +227,18 @@ def _frozen(program: steps.Program, workdir: epath.Path, warm, run: dict, seed: 
   resume needs nothing outside the run directory."""
   if not program.abstract_frozen:
     return {}
-  if (workdir / runs.FROZEN_DIR).exists():
+  if RunDir(workdir).frozen.exists():
     return runs.load_frozen(workdir, program)
   frozen = program.init_frozen(jax.random.PRNGKey(seed))
   if warm:   # a QLoRA base is read in float and quantized
     for name in frozen.keys() - {'teacher'}:
       target = program.abstract_frozen[name]
       frozen[name] = jax.device_put(quant.quantize_like(checkpoint.load_params(
-          warm[1], quant.float_target(target, program.model_config.param_dtype), run,
+          warm, quant.float_target(target, program.model_config.param_dtype), run,
           'config.train.init_from'), target),
           jax.tree.map(lambda t: t.sharding, target))
   if 'teacher' in frozen:   # distillation: the teacher run's parameters, whatever its size
-    _, step_dir = checkpoint.warm_start_dirs(teacher, 'config.distill.teacher')
+    _, step_dir = RunDir.locate(teacher, 'config.distill.teacher')
     frozen['teacher'] = checkpoint.load_params(
         step_dir, program.abstract_frozen['teacher'], {'signature': {'layer order': 'logical'}},
         'config.distill.teacher')
@@ -246,9 +248,8 @@ def _frozen(program: steps.Program, workdir: epath.Path, warm, run: dict, seed: 
 
 def _check_teacher_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
   """A distillation teacher must read the student's tokens."""
-  directory = checkpoint.warm_start_dirs(config.distill.teacher, 'config.distill.teacher')[0]
-  teacher = tokenizers.load(directory / 'tokenizer.json',
-                            config_lib.saved(directory).data.tokenizer)
+  run = RunDir.locate(config.distill.teacher, 'config.distill.teacher')[0]
+  teacher = tokenizers.load(run.tokenizer, config_lib.saved(run.path).data.tokenizer)
   if teacher.fingerprint != tokenizer.fingerprint:
     raise ConfigError(f'config.distill.teacher={config.distill.teacher!r} uses another tokenizer '
                       f'({teacher.kind} {teacher.fingerprint}) than the student '
@@ -278,12 +279,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
   In a run of several processes, each ends once another has been silent for `peer_timeout`
   seconds (`distributed.watch_peers`; 0: never)."""
   start_time = time.perf_counter()
-  workdir = checkpoint.absolute(workdir)
+  run_dir = RunDir(workdir)
+  workdir = run_dir.path
   is_main = jax.process_index() == 0
   config = config_lib.with_architecture_of_init_from(config)
   config_lib.validate(config_lib.resolve(config, None), jax.device_count())  # before any I/O
   t = config.train
-  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', t.keep_checkpoints,
+  ckpt = checkpoint.Checkpointer(run_dir.checkpoints, t.keep_checkpoints,
                                  t.async_checkpoints)
   start = resume_or_start(config, workdir, ckpt)
   config, data, program, state = start.config, start.data, start.program, start.state
@@ -335,7 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
   if config.prune.method != 'none':
     final['sparsity'] = prune.sparsity(state.params, config.prune.targets)
   if is_main:
-    (workdir / 'final.json').write_text(json.dumps(final))   # marks the run finished
+    run_dir.final.write_text(json.dumps(final))   # marks the run finished
     if text is not None:
       print('sample:\n' + text)
     scores = ', '.join(f'{k} {v:.4f}' for k, v in {**val, **test}.items())

@@ -8,6 +8,7 @@ import time
 import jax
 from etils import epath
 
+from lm.config import RunDir
 from lm.parallel import tpus
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets; matched against
@@ -51,7 +52,7 @@ class MetricsWriter:
     self.enabled = enabled
     if not enabled:
       return
-    self.path = workdir / 'metrics.jsonl'
+    self.path = RunDir(workdir).metrics
     self.heartbeat = {'steps': total_steps, 'val_loss': None}
     self.remote = is_remote(workdir)
     self.lines = []
@@ -61,7 +62,7 @@ class MetricsWriter:
       self.path.write_text(''.join(self.lines))
       losses = [row['val_loss'] for row in map(json.loads, self.lines) if 'val_loss' in row]
       self.heartbeat['val_loss'] = losses[-1] if losses else None
-    self.tb_dir = workdir / 'tensorboard'
+    self.tb_dir = RunDir(workdir).tensorboard
     local_tb = tempfile.mkdtemp(prefix='lm-tensorboard-') if self.remote else str(self.tb_dir)
     self.tb = _summary_writer()(local_tb, purge_step=start_step + 1 if start_step else None)
 

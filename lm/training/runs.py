@@ -9,15 +9,13 @@ from etils import epath
 
 from lm import config as config_lib
 from lm.compress import quant
-from lm.config import ConfigError, objective_traits
+from lm.config import ConfigError, RunDir, objective_traits, rundir
 from lm.data import tokenizers
 from lm.inference import sampler as sample
 from lm.model import lora as peft
 from lm.model import transformer as model_lib
 from lm.parallel import sharding
 from lm.training import checkpoint, steps
-
-FROZEN_DIR = 'frozen'   # what a run reads but never trains (LoRA base, reference), saved once
 
 
 @dataclasses.dataclass
@@ -33,11 +31,11 @@ class Run:
 def load(run_dir: str, field: str, mesh: jax.sharding.Mesh | None = None) -> Run:
   """The newest checkpoint of a run (or RUN/checkpoints/STEP), on `mesh` (default: one
   device); `field` names the flag or config key in error messages."""
-  directory, step_dir = checkpoint.warm_start_dirs(run_dir, field)
+  run, step_dir = RunDir.locate(run_dir, field)
   checkpoint.verified(step_dir, field)
-  if not (directory / 'config.json').exists():
-    raise ConfigError(f'{field}={run_dir}: no config.json in {directory}')
-  config = config_lib.saved(directory)
+  if not run.config.exists():
+    raise ConfigError(f'{field}={run_dir}: no config.json in {run.path}')
+  config = config_lib.saved(run.path)
   if objective_traits.of(config).teacher:   # the student alone: no teacher needed to use it
     config.train.objective = objective_traits.NEXT_TOKEN[config.data.format]
   stages = config.mesh.shape[3] if config.mesh.shape[3] > 0 else 1
@@ -45,13 +43,13 @@ def load(run_dir: str, field: str, mesh: jax.sharding.Mesh | None = None) -> Run
   mesh = mesh or sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1])
   program = steps.build(config, mesh)
   abstract = program.abstract_state.params
-  params = quant.from_stored(_restore(step_dir / 'state', {
+  params = quant.from_stored(_restore(step_dir / rundir.STATE, {
       'params': quant.stored_target(abstract)})['params'], abstract)
-  program = program.with_frozen(load_frozen(directory, program, only=('base',)))   # no reference
+  program = program.with_frozen(load_frozen(run.path, program, only=('base',)))   # no reference
   # a circular pipeline stored its layers stage-major: put them in logical order once
   stored = dataclasses.replace(program.model_config, pipeline_stages=stages)
   variables = sample.in_logical_order(stored, program.variables(params))
-  tokenizer = tokenizers.load(directory / 'tokenizer.json', config.data.tokenizer)
+  tokenizer = tokenizers.load(run.tokenizer, config.data.tokenizer)
   return Run(config, tokenizer, program.model_config, program.model, variables, step_dir)
 
 
@@ -80,14 +78,14 @@ def write(target: epath.Path, config: ml_collections.ConfigDict, params, tokeniz
   """A plain run directory (config.json, tokenizer, checkpoints/STEP/state with the
   parameters only) that config.train.init_from, `lm.sample` and evaluation read; returns
   the checkpoint's directory."""
-  target = checkpoint.absolute(target)
-  if (target / 'checkpoints').exists():
-    raise ConfigError(f'{target} already holds checkpoints')
-  target.mkdir(parents=True, exist_ok=True)
-  (target / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  tokenizer.save(target / 'tokenizer.json')
-  step_dir = target / 'checkpoints' / str(step)
-  ocp.PyTreeCheckpointer().save(step_dir / 'state', {'params': params})
+  run = RunDir(target)
+  if run.checkpoints.exists():
+    raise ConfigError(f'{run.path} already holds checkpoints')
+  run.path.mkdir(parents=True, exist_ok=True)
+  run.config.write_text(config.to_json_best_effort(indent=2))
+  tokenizer.save(run.tokenizer)
+  step_dir = run.step(step)
+  ocp.PyTreeCheckpointer().save(step_dir / rundir.STATE, {'params': params})
   if jax.process_index() == 0:
     checkpoint.write_checksums(step_dir)
   return step_dir
@@ -99,19 +97,20 @@ def load_frozen(directory: epath.Path, program: steps.Program, only=None) -> dic
   target = {k: v for k, v in program.abstract_frozen.items() if only is None or k in only}
   if not target:
     return {}
-  path = directory / FROZEN_DIR
+  path = RunDir(directory).frozen
   if not path.exists():
-    raise ConfigError(f'{directory} has no {FROZEN_DIR}/ (the frozen base or reference)')
+    raise ConfigError(f'{directory} has no {path.name}/ (the frozen base or reference)')
   checkpoint.verified(path, str(directory))
   return quant.from_stored(_restore(path, quant.stored_target(target)), target)
 
 
 def save_frozen(directory: epath.Path, frozen: dict) -> None:
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / FROZEN_DIR, quant.to_stored(frozen))   # a QLoRA base quantized
+  path = RunDir(directory).frozen
+  checkpointer.save(path, quant.to_stored(frozen))   # a QLoRA base quantized
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    checkpoint.write_checksums(directory / FROZEN_DIR)
+    checkpoint.write_checksums(path)
 
 
 def _restore(path: epath.Path, target):
