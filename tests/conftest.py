@@ -127,7 +127,8 @@ def build_program(config, shape=(1, 1, 1, 1), devices=None) -> steps.Program:
   devices = devices or jax.devices()[:int(np.prod(shape))]
   config = config_lib.resolve(config, None).unlock()
   config.mesh.shape = shape
-  config_lib.validate(config, len(devices))
+  # training=False: a quantized model without LoRA is built as a quantized run is read
+  config_lib.validate(config, len(devices), training=False)
   return steps.build(config, sharding.make_mesh(shape, devices))
 
 

@@ -11,10 +11,11 @@ import safetensors.numpy
 import tokenizers as hf_tokenizers
 from etils import epath
 
-from lm import cli, lowrank
+from lm import cli
 from lm import hf as hf_command
 from lm.data import tokenizers
 from lm.interop import hf
+from lm.tools import lowrank
 from lm.training import runs
 from tests.conftest import flat
 

@@ -13,7 +13,7 @@ FLOORS = {'config': 1, 'model': 1,
           'parallel': 2, 'compress': 2,
           'data': 3, 'objectives': 3, 'inference': 3,
           'training': 4,
-          'interop': 5, 'planning': 5, 'analysis': 5, 'tasks': 5}
+          'interop': 5, 'planning': 5, 'analysis': 5, 'tasks': 5, 'tools': 5}
 COMMAND_FLOOR = 6   # modules directly in lm/ (cli.py among them: shared by commands only)
 
 

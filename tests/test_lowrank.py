@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import lowrank
 from lm.compress import svd
 from lm.config import ConfigError
 from lm.data import tokenizers
+from lm.tools import lowrank
 from lm.training import runs
 from tests.conftest import build_program, command_env, random_batch, tiny_config
 from tests.test_train import ROOT, run_main

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import cli, evaluate, quantize
+from lm import cli, quantize
 from lm.compress import quant
+from lm.tools import evaluation
 from lm.training import runs
 from tests.conftest import build_program, command_env, random_batch, tiny_config
 from tests.test_train import ROOT
@@ -126,7 +127,7 @@ def _quantize(capsys, *args):
 
 
 def _val_loss(workdir) -> float:
-  return evaluate.evaluate(str(workdir), ('validation',), eval_batches=20)['val_loss']
+  return evaluation.evaluate(str(workdir), ('validation',), eval_batches=20)['val_loss']
 
 
 def test_quantize_command_evaluates_samples_and_refuses_bad_input(char_run, tmp_path, capsys):

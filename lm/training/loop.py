@@ -63,15 +63,16 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path | None,
-          tokenizer_from: epath.Path | None = None) -> Setup:
+          tokenizer_from: epath.Path | None = None, training: bool = True) -> Setup:
   """The data and the program of a config the caller validated before any I/O (with
-  `config_lib.validate`); checked again here once the tokenizer's vocabulary is known."""
+  `config_lib.validate`); checked again here once the tokenizer's vocabulary is known
+  (`training`: as validate's)."""
   device_count = jax.device_count()
   mesh = sharding.make_mesh(config_lib.mesh_shape(config, device_count))
   data = pipeline.make_data(config, workdir, functools.partial(sharding.process_rows, mesh),
                             tokenizer_from)
   config = config_lib.resolve(config, data.tokenizer.vocab_size)
-  config_lib.validate(config, device_count, data.tokenizer.vocab_size)
+  config_lib.validate(config, device_count, data.tokenizer.vocab_size, training)
   return Setup(config, data, steps.build(config, mesh))
 
 

@@ -265,16 +265,16 @@ def _boxed(config: ml_collections.ConfigDict, model, teacher) -> tuple[Any, dict
 
 
 def _check_lora_selects(config: ml_collections.ConfigDict, boxed: dict) -> None:
-  paths = ['/'.join(str(k.key) for k in path) for path, _ in
-           jax.tree_util.tree_flatten_with_path(nn.unbox(boxed['params']))[0]]
+  params = nn.unbox(boxed['params'])
+  paths = lambda: ['/'.join(str(k.key) for k in path)
+                   for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   if config.lora.rank and 'lora' not in boxed:
-    kernels = sorted({p.rpartition('/')[0] for p in paths if p.endswith('/kernel')})
+    kernels = sorted({p.rpartition('/')[0] for p in paths() if p.endswith('/kernel')})
     raise ConfigError(f'config.lora.targets={config.lora.targets!r} matches no module; '
                       f'the Linear modules are: {", ".join(kernels)}')
-  if config.lora.train_also and not peft.selected(nn.unbox(boxed['params']),
-                                                   config.lora.train_also):
+  if config.lora.train_also and not peft.selected(params, config.lora.train_also):
     raise ConfigError(f'config.lora.train_also={config.lora.train_also!r} matches no parameter; '
-                      f'they are: {", ".join(sorted(paths))}')
+                      f'they are: {", ".join(sorted(paths()))}')
 
 
 def _with_shardings(tree, shardings):
