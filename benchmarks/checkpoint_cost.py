@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 from orbax.checkpoint._src.path import atomicity_defaults
 
-from lm.training import checkpoint
+from lm.training import checkpoint, checksums
 
 D, V, T, LAYERS = 768, 50257, 1024, 12   # GPT-2 124M
 
@@ -41,13 +41,13 @@ def gpt2_124m_state(seed: int = 0) -> dict:
   return {'params': tree(), 'mu': tree(), 'nu': tree(), 'step': np.int32(1)}
 
 
-def save_and_restore(directory: epath.Path, state: dict, checksums: bool) -> dict:
+def save_and_restore(directory: epath.Path, state: dict, with_checksums: bool) -> dict:
   default = atomicity_defaults.get_default_temporary_path_class(directory)
-  saved = dict(checkpoint.CHECKSUMMED)
-  verify = checkpoint.verify
-  if not checksums:   # Orbax's own protocol, nothing verified
-    checkpoint.CHECKSUMMED[default] = default
-    checkpoint.verify = lambda directory: False
+  saved = dict(checksums.CHECKSUMMED)
+  verify = checksums.verify
+  if not with_checksums:   # Orbax's own protocol, nothing verified
+    checksums.CHECKSUMMED[default] = default
+    checksums.verify = lambda directory: False
   try:
     data = iter(grain.MapDataset.range(4).to_iter_dataset())
     ckpt = checkpoint.Checkpointer(directory, keep=1, async_save=False)
@@ -63,16 +63,16 @@ def save_and_restore(directory: epath.Path, state: dict, checksums: bool) -> dic
     restore_s = time.perf_counter() - start
     ckpt.close()
     timings = {}
-    if checksums:   # the checksums' own work, alone: writing them, checking the files
+    if with_checksums:   # the checksums' own work, alone: writing them, checking the files
       start = time.perf_counter()
-      checkpoint.write_checksums(directory / '1')
+      checksums.write(directory / '1')
       timings['write_checksums_s'] = time.perf_counter() - start
       start = time.perf_counter()
-      assert checkpoint.verify(directory / '1')
+      assert checksums.verify(directory / '1')
       timings['verify_s'] = time.perf_counter() - start
   finally:
-    checkpoint.CHECKSUMMED.update(saved)
-    checkpoint.verify = verify
+    checksums.CHECKSUMMED.update(saved)
+    checksums.verify = verify
   size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(directory / '1')
              for f in fs)
   return {'save_s': save_s, 'restore_s': restore_s, 'bytes': size, **timings}
@@ -88,10 +88,10 @@ def main() -> None:
   rows = []
   for round_ in range(args.rounds):
     row = {'round': round_}
-    for checksums in (True, False):
+    for with_checksums in (True, False):
       with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        result = save_and_restore(epath.Path(directory), state, checksums)
-      suffix = '' if checksums else '_plain'
+        result = save_and_restore(epath.Path(directory), state, with_checksums)
+      suffix = '' if with_checksums else '_plain'
       row.update({f'{k}{suffix}': v for k, v in result.items()})
     row['save_ratio'] = row['save_s'] / row['save_s_plain']
     row['restore_ratio'] = row['restore_s'] / row['restore_s_plain']

@@ -15,7 +15,7 @@ import pytest
 from etils import epath
 
 from launch import local
-from lm.training import checkpoint, runs
+from lm.training import checkpoint, checksums, runs
 from tests import test_train
 from tests.conftest import command_env
 from tests.test_train import ROOT, SMALL, load_params, losses_by_step, read_metrics, run_main
@@ -27,7 +27,7 @@ PATCHED_MAIN = '''
 import os, shutil, signal, sys
 from absl import app
 from lm import cli, main
-from lm.training import checkpoint
+from lm.training import checkpoint, checksums
 from lm.parallel import distributed
 from lm.training import loop as train
 exec(sys.argv.pop(1))
@@ -74,9 +74,9 @@ def saved_step(tmp_path):
 
 
 def test_checksums_catch_every_flipped_bit_truncation_and_missing_file(saved_step):
-  assert checkpoint.verify(saved_step) is True
+  assert checksums.verify(saved_step) is True
   files = sorted(p for p in pathlib.Path(saved_step).rglob('*') if p.is_file()
-                 and p.name not in (checkpoint.CHECKSUMS, *checkpoint.COMMITTED_LATER))
+                 and p.name not in (checksums.CHECKSUMS, *checksums.COMMITTED_LATER))
   assert len(files) >= 6   # state (OCDBT manifest, data, metadata), data iterator, run record
   rng = random.Random(0)
   for path in files:   # every file: its first and last byte and three random ones
@@ -84,26 +84,26 @@ def test_checksums_catch_every_flipped_bit_truncation_and_missing_file(saved_ste
     for position in sorted({0, size - 1, *(rng.randrange(size) for _ in range(3))}):
       bit = rng.randrange(8)
       flip_bit(path, position, bit)
-      with pytest.raises(checkpoint.CorruptCheckpoint, match=f'{path} fails its checksum'):
-        checkpoint.verify(saved_step)
+      with pytest.raises(checksums.CorruptCheckpoint, match=f'{path} fails its checksum'):
+        checksums.verify(saved_step)
       flip_bit(path, position, bit)   # put back
-  assert checkpoint.verify(saved_step) is True
+  assert checksums.verify(saved_step) is True
 
   victim = largest_file(saved_step)
   data = victim.read_bytes()
   victim.write_bytes(data[:-1])
-  with pytest.raises(checkpoint.CorruptCheckpoint,
+  with pytest.raises(checksums.CorruptCheckpoint,
                      match=f'{victim} has {len(data) - 1} bytes, {len(data)} when saved'):
-    checkpoint.verify(saved_step)
+    checksums.verify(saved_step)
   victim.unlink()
-  with pytest.raises(checkpoint.CorruptCheckpoint, match=f'{victim} is missing'):
-    checkpoint.verify(saved_step)
+  with pytest.raises(checksums.CorruptCheckpoint, match=f'{victim} is missing'):
+    checksums.verify(saved_step)
   victim.write_bytes(data)
-  (saved_step / checkpoint.CHECKSUMS).write_text('{"files": ')
-  with pytest.raises(checkpoint.CorruptCheckpoint, match='does not parse'):
-    checkpoint.verify(saved_step)
-  (saved_step / checkpoint.CHECKSUMS).unlink()   # saved before checksums were kept: accepted
-  assert checkpoint.verify(saved_step) is False
+  (saved_step / checksums.CHECKSUMS).write_text('{"files": ')
+  with pytest.raises(checksums.CorruptCheckpoint, match='does not parse'):
+    checksums.verify(saved_step)
+  (saved_step / checksums.CHECKSUMS).unlink()   # saved before checksums were kept: accepted
+  assert checksums.verify(saved_step) is False
 
 
 def test_a_flipped_bit_falls_back_and_the_run_matches_an_uninterrupted_one(small_run, tmp_path,
@@ -149,11 +149,11 @@ def test_sigkill_while_the_checksums_are_written_leaves_the_last_checkpoint(smal
   removed on restart, and the resumed run ends as the uninterrupted one did."""
   flags = [*SMALL, f'--config.data.dir={tfds_dir}']
   workdir = tmp_path / 'run'
-  kill = ('write = checkpoint.write_checksums\n'
+  kill = ('write = checksums.write\n'
           'def write_and_die(directory):\n'
           '  write(directory)\n'
           '  if directory.name.startswith("60."): os.kill(os.getpid(), signal.SIGKILL)\n'
-          'checkpoint.write_checksums = write_and_die')
+          'checksums.write = write_and_die')
   killed = run_patched(workdir, kill, *flags)
   assert killed.returncode == -9, killed.stderr[-2000:]
   names = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
@@ -185,7 +185,7 @@ NO_SPACE = ('def no_space(directory):\n'
             '  if directory.name.startswith("50."):\n'
             '    raise OSError(28, "No space left on device", str(directory / "state" / "d"))\n'
             '  write(directory)\n'
-            'write, checkpoint.write_checksums = checkpoint.write_checksums, no_space\n')
+            'write, checksums.write = checksums.write, no_space\n')
 
 
 SIX_MB = ('def six_mb(path):\n'   # a 6 MB disk: what the workdir holds is used
@@ -203,7 +203,7 @@ def _assert_clean_stop(result, workdir, step: int, problem: str):
   names = sorted((p.name for p in (workdir / 'checkpoints').iterdir()), key=int)
   assert names == [str(s) for s in range(10, step, 10)], names   # nothing partial left
   for name in names:
-    assert checkpoint.verify(workdir / 'checkpoints' / name)
+    assert checksums.verify(workdir / 'checkpoints' / name)
 
 
 def test_a_full_disk_stops_cleanly_and_the_run_resumes(small_disk, tmp_path, tfds_dir):

@@ -10,31 +10,26 @@ shapes stops the run with one line naming each difference. Only an unreadable ch
 (truncated, corrupt) is skipped for an older one; it is renamed to STEP.corrupt so that later
 saves are not refused, and a directory where no checkpoint restores is an error.
 
-Every checkpoint proves its bytes: at save, the CRC32C of each of its files goes into
-STEP/checksums.json before Orbax commits the step (renames it from its temporary name); at
-restore the files are checked against it before any array is read, and a mismatch counts as
-unreadable. (TensorStore's crc32c codec, which Orbax puts only on the index of each
-array's shard file, would leave the chunks themselves and Orbax's own metadata unchecked.)
+Every checkpoint proves its bytes (`lm.training.checksums`): a step's files are checked
+against the checksums written before it was committed, before any array is read, and a
+mismatch counts as unreadable.
 """
-import asyncio
 import concurrent.futures
 import errno
 import json
 import logging
 import shutil
 
-import google_crc32c
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
-from orbax.checkpoint._src.path import atomicity, atomicity_defaults
+from orbax.checkpoint._src.path import atomicity_defaults
 
 from lm import config as config_lib
 from lm.config import ConfigError, rundir
 from lm.parallel import distributed
+from lm.training import checksums
 
 # Config fields that a checkpoint depends on: the parameters' shapes, dtypes and function,
 # the optimizer state's structure, and what the data iterator's position means.
@@ -131,12 +126,6 @@ def state_handler() -> ocp.PyTreeCheckpointHandler:
       type_handler_registry=ocp.type_handlers.create_type_handler_registry((jax.Array, arrays)))
 
 
-CHECKSUMS = 'checksums.json'
-# Orbax writes these into the step at commit, after the checksums: its commit time and marker
-COMMITTED_LATER = ('_CHECKPOINT_METADATA', 'commit_success.txt')
-_CHUNK = 16 << 20
-
-
 class StorageError(Exception):
   """The run directory's storage refused a checkpoint (full, read-only, gone): reported as one
   line, exit code 3 (`lm.main`), the partial checkpoint removed, the last good one kept."""
@@ -170,117 +159,17 @@ def storage_problem(error: BaseException, under: str) -> str | None:
   return None
 
 
-class CorruptCheckpoint(Exception):
-  """A checkpoint file whose bytes differ from those saved (or that is missing)."""
-
-
-def file_crc32c(path: epath.Path) -> tuple[int, str]:
-  """(size, CRC32C as 8 hex digits) of a file, read in 16 MiB pieces."""
-  crc, size = google_crc32c.Checksum(), 0
-  with path.open('rb') as f:
-    while piece := f.read(_CHUNK):
-      crc.update(piece)
-      size += len(piece)
-  return size, crc.hexdigest().decode()
-
-
-def _files(directory: epath.Path) -> list[str]:
-  """The files of a checkpoint step, relative to it, that its checksums cover."""
-  return sorted(str((root / name).relative_to(directory)) for root, _, names in directory.walk()
-                for name in names if name not in (CHECKSUMS, *COMMITTED_LATER))
-
-
-def _map(fn, items: list) -> list:
-  """fn over items on a few threads: the CRC and the reads release the GIL."""
-  with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    return list(pool.map(fn, items))
-
-
-def write_checksums(directory: epath.Path) -> None:
-  """Writes STEP/checksums.json: {file: [bytes, crc32c]} for every file of the step."""
-  names = _files(directory)
-  sums = _map(lambda name: list(file_crc32c(directory / name)), names)
-  (directory / CHECKSUMS).write_text(json.dumps(
-      {'algorithm': 'crc32c', 'files': dict(zip(names, sums))}, indent=0))
-
-
-def check_files(directory: epath.Path) -> tuple[list[str], list[tuple[int, str]]] | None:
-  """This process's share of a step's files checked against checksums.json: (every file's
-  name, [(index, problem)] of the share's bad ones); None when the step has no checksums
-  (saved before they were kept). Touches no JAX collective, so it may run on a thread."""
-  manifest = directory / CHECKSUMS
-  if not manifest.exists():
-    return None
-  try:
-    files = json.loads(manifest.read_text())['files']
-  except (ValueError, KeyError) as e:
-    raise CorruptCheckpoint(f'{manifest} does not parse ({e})') from e
-  names = sorted(files)
-  mine = list(range(len(names)))[jax.process_index()::jax.process_count()]
-
-  def problem(index: int) -> str | None:
-    path = directory / names[index]
-    if not path.exists():
-      return f'{path} is missing'
-    size, crc = file_crc32c(path)
-    saved_size, saved_crc = files[names[index]]
-    if size != saved_size:
-      return f'{path} has {size} bytes, {saved_size} when saved'
-    return (None if crc == saved_crc else
-            f'{path} fails its checksum (crc32c {crc}, {saved_crc} when saved)')
-  return names, [(i, p) for i, p in zip(mine, _map(problem, mine)) if p]
-
-
-def agree(directory: epath.Path, names: list[str], problems: list[tuple[int, str]]) -> None:
-  """Raises CorruptCheckpoint naming the first bad file that any process found (every
-  process must call it: across processes it is a collective)."""
-  first = problems[0][0] if problems else len(names)
-  if jax.process_count() > 1:
-    first = int(np.min(multihost_utils.process_allgather(np.int32(first))))
-  if first < len(names):
-    raise CorruptCheckpoint(dict(problems).get(first) or f'{directory / names[first]} fails '
-                            'its checksum (found by another process)')
-
-
-def verify(directory: epath.Path) -> bool:
-  """Raises CorruptCheckpoint naming the first file (of a step directory, or of a file
-  checkpoint inside one) whose size or CRC32C differs from checksums.json, or that is
-  missing. False when the step has no checksums (saved before they were kept), else True.
-  Across processes each checks a share of the files and all learn the result: together they
-  read every byte once, where each reading the whole checkpoint from shared storage would
-  read it process-count times."""
-  found = check_files(directory)
-  if found is not None:
-    agree(directory, *found)
-  return found is not None
-
-
 def verified(step_dir: epath.Path, field: str) -> epath.Path:
   """`step_dir` once its files match their checksums; else ResumeError naming the file (and
   the run's previous checkpoint, to use instead)."""
   try:
-    verify(step_dir)
-  except CorruptCheckpoint as e:
+    checksums.verify(step_dir)
+  except checksums.CorruptCheckpoint as e:
     older = sorted((int(p.name) for p in step_dir.parent.glob('*') if p.name.isdigit()
                     and int(p.name) < int(step_dir.name)) if step_dir.name.isdigit() else [])
     instead = f'; the previous checkpoint is {step_dir.parent / str(older[-1])}' if older else ''
     raise ResumeError(f'{field}: checkpoint {step_dir} is corrupted: {e}{instead}') from e
   return step_dir
-
-
-def _checksummed(base: type) -> type:
-  """Orbax's temporary-directory protocol for a step with checksums written into the step
-  before it is committed: a step that exists under its final name has them."""
-  class Checksummed(base):
-    async def finalize(self, *args, **kwargs):
-      await asyncio.to_thread(write_checksums, self.get())
-      await super().finalize(*args, **kwargs)
-  Checksummed.__name__ = f'Checksummed{base.__name__}'
-  return Checksummed
-
-
-CHECKSUMMED = {base: _checksummed(base) for base in (atomicity.AtomicRenameTemporaryPath,
-                                                     atomicity.CommitFileTemporaryPath)}
 
 
 class Checkpointer:
@@ -294,10 +183,9 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         directory,
         # a save killed part-way leaves a temporary directory: removed when the run restarts
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save,
-                                             cleanup_tmp_directories=True,
-                                             temporary_path_class=CHECKSUMMED[protocol]),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True, temporary_path_class=checksums.CHECKSUMMED[protocol]),
         item_handlers={'state': state_handler(),
                        'data': grain.checkpoint.CheckpointHandler(),
                        'run': ocp.JsonCheckpointHandler()})
@@ -320,7 +208,7 @@ class Checkpointer:
 
   def _size(self, step: int) -> int | None:
     """Bytes of a committed checkpoint, from its checksums (None without them)."""
-    manifest = self.directory / str(step) / CHECKSUMS
+    manifest = self.directory / str(step) / checksums.CHECKSUMS
     if not manifest.exists():
       return None
     return sum(size for size, _ in json.loads(manifest.read_text())['files'].values())
@@ -404,7 +292,7 @@ class Checkpointer:
       # the files are checked on a thread while the arrays are read (the check costs a second
       # read of every byte), and nothing read is used, or reported, before the check is done
       with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        checked = pool.submit(check_files, self.directory / str(step))
+        checked = pool.submit(checksums.check_files, self.directory / str(step))
         try:
           restored, error = self._restore(step, abstract_state, data_iterator, run, wanted,
                                           hint), None
@@ -413,8 +301,8 @@ class Checkpointer:
         try:
           found = checked.result()
           if found is not None:
-            agree(self.directory / str(step), *found)
-        except CorruptCheckpoint as corrupt:
+            checksums.agree(self.directory / str(step), *found)
+        except checksums.CorruptCheckpoint as corrupt:
           error = corrupt
       if isinstance(error, ResumeError):
         raise error
@@ -450,7 +338,8 @@ class Checkpointer:
     """Renames an unreadable checkpoint to STEP.corrupt (STEP.corrupt1, ... when taken),
     warning, so the next save of that step is not skipped; `set_aside` records it."""
     message = str(error).splitlines()[0] if str(error) else ''
-    why = message if isinstance(error, CorruptCheckpoint) else f'{type(error).__name__}: {message}'
+    why = (message if isinstance(error, checksums.CorruptCheckpoint)
+           else f'{type(error).__name__}: {message}')
     target, n = self.directory / f'{step}.corrupt', 1
     while target.exists():
       target, n = self.directory / f'{step}.corrupt{n}', n + 1

@@ -15,7 +15,7 @@ from lm.inference import sampler as sample
 from lm.model import lora as peft
 from lm.model import transformer as model_lib
 from lm.parallel import sharding
-from lm.training import checkpoint, steps
+from lm.training import checkpoint, checksums, steps
 
 
 @dataclasses.dataclass
@@ -87,7 +87,7 @@ def write(target: epath.Path, config: ml_collections.ConfigDict, params, tokeniz
   step_dir = run.step(step)
   ocp.PyTreeCheckpointer().save(step_dir / rundir.STATE, {'params': params})
   if jax.process_index() == 0:
-    checkpoint.write_checksums(step_dir)
+    checksums.write(step_dir)
   return step_dir
 
 
@@ -110,7 +110,7 @@ def save_frozen(directory: epath.Path, frozen: dict) -> None:
   checkpointer.save(path, quant.to_stored(frozen))   # a QLoRA base quantized
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    checkpoint.write_checksums(path)
+    checksums.write(path)
 
 
 def _restore(path: epath.Path, target):
