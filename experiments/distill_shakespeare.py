@@ -10,11 +10,13 @@ against the same student trained from scratch for the same steps.
 run (default runs/sc); it must use the same tokenizer (characters of the same corpus).
 """
 from experiments import shakespeare_char
+from lm import config as config_lib
 
 
 def get_config(variant: str = 'distill'):
-  stage, *options = variant.split(',')
-  teacher = dict(option.split('=', 1) for option in options).get('teacher', 'runs/sc')
+  v = config_lib.read_variant(variant, names=('distill', 'scratch'),
+                              keys={'teacher': 'runs/sc'})
+  stage, teacher = v.name, v.options['teacher']
   c = shakespeare_char.get_config()
   c.model.update(n_layers=2, d_model=64, n_heads=4)
   c.sample.num_tokens = 0

@@ -13,9 +13,9 @@ from lm import config as config_lib
 
 
 def get_config(variant: str = 'lora_sft'):
-  stage, *options = variant.split(',')
-  paths = dict(option.split('=', 1) for option in options)
-  base, data = paths.get('base', 'runs/hf/base'), paths.get('data', 'data/reverse')
+  v = config_lib.read_variant(variant, names=('sft', 'lora_sft'),
+                              keys={'base': 'runs/hf/base', 'data': 'data/reverse'})
+  stage, base, data = v.name, v.options['base'], v.options['data']
   c = config_lib.get_base_config()
   c.model.update(from_init_from=True, dtype='float32')
   c.data.update(source=f'jsonl:{data}/sft.jsonl', format='sft', packing='pack', seq_len=32)

@@ -12,6 +12,7 @@ from lm import config as config_lib
 
 
 def get_config(variant: str = ''):
+  smoke = config_lib.read_variant(variant, names=('', 'smoke')).name == 'smoke'
   c = config_lib.get_base_config()
   c.data.update(source='shakespeare', tokenizer='spm_bpe', spm_vocab_size=1024, seq_len=128)
   c.model.update(n_layers=4, d_model=256, n_heads=8, n_kv_heads=2, d_ff=688,
@@ -21,7 +22,7 @@ def get_config(variant: str = ''):
                  checkpoint_every=1000)
   c.optim.update(name='adamw', lr=1e-3, min_lr=1e-4, warmup_steps=200, schedule='wsd',
                  b2=0.95, weight_decay=0.1, decay_embeddings=False)
-  if variant == 'smoke':
+  if smoke:
     c.train.update(steps=30, eval_every=15, checkpoint_every=15, log_every=5, eval_batches=2)
     c.optim.warmup_steps = 5
     c.sample.num_tokens = 20

@@ -7,12 +7,13 @@ for 300 steps on the same corpus; the architecture (the rank) comes from the com
         --workdir runs/sc_r32_tuned
 """
 from experiments import shakespeare_char
+from lm import config as config_lib
 
 
 def get_config(variant: str = 'init_from=runs/sc_r32'):
-  options = dict(option.split('=', 1) for option in variant.split(',') if '=' in option)
+  options = config_lib.read_variant(variant, keys={'init_from': 'runs/sc_r32'}).options
   c = shakespeare_char.get_config()
-  c.train.init_from = options.get('init_from', 'runs/sc_r32')
+  c.train.init_from = options['init_from']
   c.model.from_init_from = True
   c.train.update(steps=300, eval_every=100, checkpoint_every=300)
   c.optim.update(lr=3e-4, min_lr=3e-5, warmup_steps=0)

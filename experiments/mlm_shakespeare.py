@@ -11,7 +11,7 @@ from experiments import shakespeare_char
 
 
 def get_config(variant: str = ''):
-  c = shakespeare_char.get_config(variant)
+  c = shakespeare_char.get_config(variant)   # which reads the variant
   c.model.causal = False
   c.train.objective = 'mlm'
   c.mlm.rate = 0.15

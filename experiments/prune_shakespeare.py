@@ -13,6 +13,7 @@ model's loss before fine-tuning. `init_from=DIR` names the dense run (default ru
 `smoke` shortens the run to 20 steps.
 """
 from experiments import shakespeare_char
+from lm import config as config_lib
 
 METHODS = {'magnitude': dict(method='magnitude'),
            'global': dict(method='magnitude', scope='global'),
@@ -21,17 +22,17 @@ METHODS = {'magnitude': dict(method='magnitude'),
 
 
 def get_config(variant: str = 'magnitude'):
-  method, *options = variant.split(',')
-  paths = dict(option.split('=', 1) for option in options if '=' in option)
+  v = config_lib.read_variant(variant, names=tuple(METHODS), flags=('smoke', 'before'),
+                              keys={'init_from': 'runs/sc'})
   c = shakespeare_char.get_config()
-  c.train.init_from = paths.get('init_from', 'runs/sc')
-  c.prune.update(sparsity=0.5, **METHODS[method])
+  c.train.init_from = v.options['init_from']
+  c.prune.update(sparsity=0.5, **METHODS[v.name])
   c.train.update(steps=300, eval_every=100, checkpoint_every=300)
   c.optim.update(lr=3e-4, min_lr=3e-5, warmup_steps=0)
   c.sample.num_tokens = 0
-  if 'smoke' in options:
+  if 'smoke' in v.flags:
     c.train.update(steps=20, eval_every=20, checkpoint_every=20, eval_batches=4)
-  if 'before' in options:
+  if 'before' in v.flags:
     c.train.update(steps=1, eval_every=1, checkpoint_every=1)
     c.optim.update(lr=0.0, min_lr=0.0, weight_decay=0.0)
   return c

@@ -34,9 +34,9 @@ INIT_FROM = {'sft': 'pretrain', 'lora_sft': 'pretrain', 'qlora_sft': 'pretrain',
 
 
 def get_config(variant: str = 'sft'):
-  stage, *options = variant.split(',')
-  paths = dict(option.split('=', 1) for option in options)
-  data, runs = paths.get('data', 'data/reverse'), paths.get('runs', 'runs/reverse')
+  v = config_lib.read_variant(variant, names=tuple(STAGE_STEPS),
+                              keys={'data': 'data/reverse', 'runs': 'runs/reverse'})
+  stage, data, runs = v.name, v.options['data'], v.options['runs']
   c = config_lib.get_base_config()
   c.model.update(n_layers=2, d_model=128, n_heads=4, d_ff=512, dtype='float32',
                  scan_layers=False, attention='reference')

@@ -11,6 +11,7 @@ from lm import config as config_lib
 
 
 def get_config(variant: str = ''):
+  smoke = config_lib.read_variant(variant, names=('', 'smoke')).name == 'smoke'
   c = config_lib.get_base_config()
   c.data.source = 'shakespeare'
   c.data.tokenizer = 'char'
@@ -28,7 +29,7 @@ def get_config(variant: str = ''):
                  eval_batch_size=48, checkpoint_every=500, log_every=50)
   c.optim.update(name='adamw', lr=1e-3, min_lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.1,
                  warmup_steps=100, schedule='cosine', clip_norm=1.0)
-  if variant == 'smoke':
+  if smoke:
     c.train.update(steps=60, eval_every=30, checkpoint_every=30, log_every=10, eval_batches=1)
     c.optim.warmup_steps = 10
     c.sample.num_tokens = 50

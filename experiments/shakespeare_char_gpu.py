@@ -12,6 +12,7 @@ from lm import config as config_lib
 
 
 def get_config(variant: str = ''):
+  smoke = config_lib.read_variant(variant, names=('', 'smoke')).name == 'smoke'
   c = config_lib.get_base_config()
   c.data.update(source='shakespeare', tokenizer='char', seq_len=256)
   c.model.update(n_layers=6, d_model=384, n_heads=6, dropout=0.2, tie_embeddings=True,
@@ -20,7 +21,7 @@ def get_config(variant: str = ''):
                  eval_batch_size=64, checkpoint_every=1000, log_every=50)
   c.optim.update(name='adamw', lr=1e-3, min_lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.1,
                  warmup_steps=100, schedule='cosine', clip_norm=1.0)
-  if variant == 'smoke':
+  if smoke:
     c.train.update(steps=20, eval_every=10, checkpoint_every=10, log_every=5, eval_batches=2,
                    batch_size=8, eval_batch_size=8)
     c.optim.warmup_steps = 5

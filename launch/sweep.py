@@ -14,6 +14,7 @@ TPU, K slices do (launch/tpu.py); `--watch` stays to recreate preempted slices a
 them all when the sweep is finished.
 """
 import argparse
+import difflib
 import importlib.util
 import json
 import os
@@ -35,8 +36,11 @@ from lm.config import ConfigError, sweeps
 WHERE = ('local', 'tpu', 'skypilot')
 
 
-def load_points(config_arg: str) -> tuple[str, list[dict]]:
-  """(experiment file, validated sweep points) for a --config argument."""
+def load_points(config_arg: str, passed: list[str] = (),
+                options: tuple[str, ...] = ()) -> tuple[str, list[dict]]:
+  """(experiment file, validated sweep points) for a --config argument; `passed`, the
+  arguments every point's lm.main gets besides (checked by `check_passed` against this
+  command's `options`)."""
   path, _, variant = config_arg.partition(':')
   if not epath.Path(path).exists():
     raise ConfigError(f'--config: file not found: {path}')
@@ -52,7 +56,41 @@ def load_points(config_arg: str) -> tuple[str, list[dict]]:
   names = [sweeps.run_name(p) for p in points]
   if len(set(names)) != len(names):
     raise ConfigError(f'{path}: get_sweep() repeats a point')
+  check_passed(passed, config, points, options)
   return path, points
+
+
+# lm.main's flags that a sweep forwards to every point, beside --config.KEY=VALUE overrides
+PASSED_FLAGS = ('--peer_timeout',)
+
+
+def check_passed(passed: list[str], config, points: list[dict],
+                 options: tuple[str, ...]) -> None:
+  """Refuses, before any point starts, an argument that is not one of this command's flags
+  nor one every lm.main takes (a --config.KEY=VALUE override of a key the sweep does not
+  set, or one of PASSED_FLAGS): a typo would otherwise fail every point, and an override of
+  a swept key would train every point alike under names that say otherwise."""
+  keys = sweeps.flat_keys(config)
+  swept = {key for point in points for key in point}
+  for arg in passed:
+    name, has_value, _ = arg.partition('=')
+    if name in PASSED_FLAGS and has_value:
+      continue
+    key = name.removeprefix('--config.')
+    if not name.startswith('--config.') or not has_value:
+      close = difflib.get_close_matches(name, options + PASSED_FLAGS, n=1)
+      raise ConfigError(f'unknown argument {arg!r}'
+                        + (f" (did you mean '{close[0]}'?)" if close else '')
+                        + '; besides this command\'s flags, only --config.KEY=VALUE overrides '
+                        f'and {", ".join(f + "=..." for f in PASSED_FLAGS)} pass to every point')
+    if key not in keys:
+      close = difflib.get_close_matches(key, keys, n=1)
+      raise ConfigError(f"{arg}: '{key}' is not a config key"
+                        + (f"; did you mean '{close[0]}'?" if close else ''))
+    if key in swept:
+      raise ConfigError(f'{arg} overrides config.{key}, which the sweep sets per point: every '
+                        'point would train alike under a name that says otherwise; change '
+                        'get_sweep() instead')
 
 
 def main_command(config_arg: str, workdir: str, point: dict, extra: list[str],
@@ -294,13 +332,17 @@ def main(argv=None) -> None:
     if args.poll_s is None:
       args.poll_s = 2.0 if args.where == 'local' else 60.0
     if args.status:
-      print(status_table(status_rows(queue)))
+      rows = status_rows(queue)
+      if not rows:
+        raise ConfigError(f'--sweep_dir={args.sweep_dir} holds no sweep (no queued points)')
+      print(status_table(rows))
       return
     if args.delete:
       sys.exit(run_cloud(args, [], queue))
     if not args.config:
       raise ConfigError('--config is required (but for --status)')
-    _, points = load_points(args.config)
+    options = tuple(o for action in parser._actions for o in action.option_strings)
+    _, points = load_points(args.config, extra, options)
     python = sys.executable if args.where == 'local' else 'python3'
     points = queue_points(args.config, points, args.sweep_dir, extra, python)
     run = run_local if args.where == 'local' else run_cloud

@@ -9,24 +9,27 @@ from absl import flags
 from lm.config import ConfigError
 
 
-def _config_path(argv: list[str]) -> str | None:
-  """The experiment file named by --config (without its :variant), read from the command line:
-  with overrides present, a missing file fails while the flags are parsed."""
+def _config_value(argv: list[str]) -> str | None:
+  """--config's value (FILE or FILE:VARIANT), read from the command line: the experiment is
+  loaded while the flags are parsed."""
   for i, arg in enumerate(argv):
     if arg == '--config' and i + 1 < len(argv):
-      value = argv[i + 1]
-    elif arg.startswith('--config='):
-      value = arg.removeprefix('--config=')
-    else:
-      continue
-    return value if os.path.exists(value) else value.rpartition(':')[0] or value
+      return argv[i + 1]
+    if arg.startswith('--config='):
+      return arg.removeprefix('--config=')
   return None
 
 
+def _config_path(value: str) -> str:
+  """The experiment file of a --config value, without its :variant."""
+  return value if os.path.exists(value) else value.rpartition(':')[0] or value
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a missing experiment file or a mistyped override key reported
-  as one line (exit 2) instead of a traceback."""
-  path = _config_path(argv)
+  """absl's flag parsing, with a missing experiment file, an unknown variant or a mistyped
+  override key reported as one line (exit 2) instead of a traceback."""
+  value = _config_value(argv)
+  path = None if value is None else _config_path(value)
   if path is not None and not os.path.exists(path):
     fail(f'--config: no such experiment file: {path}')
   if path is not None and os.path.exists(os.path.join(os.path.dirname(path), '__init__.py')):
@@ -37,8 +40,28 @@ def parse_flags(argv: list[str]) -> list[str]:
       sys.path.insert(0, parent)
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:   # absl exits 1 after printing the help a user asked for
+    asked = any(a.split('=')[0] in ('--help', '-h', '-?', '--helpshort', '--helpfull')
+                for a in argv[1:])
+    sys.exit(0 if asked else e.code)
   except (AttributeError, KeyError) as e:   # an override naming a key the config lacks
     fail(f'a --config.* override names no config key: {_one_line(e)}')
+  except flags.Error as e:   # an unknown flag, a bad value, a missing one, a refused variant
+    for cause in _causes(e):
+      if isinstance(cause, ConfigError):   # get_config refused the variant (read_variant)
+        fail(f'--config={value}: {cause}')
+      if isinstance(cause, TypeError) and 'get_config() takes 0' in str(cause):
+        fail(f'--config={value}: {path} has no variants (give the file alone)')
+    fail(str(e).splitlines()[0].removesuffix(': Error whilst parsing config file:'))
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+  """The error and those it came from, the first cause last."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain[::-1]
 
 
 def use_compilation_cache() -> None:

@@ -21,6 +21,7 @@ _PEER_TIMEOUT = flags.DEFINE_float(
     'never (JAX then aborts after its own 100 s).')
 flags.mark_flags_as_required(['config', 'workdir'])
 STORAGE_EXIT = 3   # the workdir's storage refused a write (full, read-only, gone): see README
+INTERRUPTED_EXIT = 130   # Ctrl-C, as shells report SIGINT (128 + 2)
 
 
 def main(argv) -> None:
@@ -41,6 +42,10 @@ def main(argv) -> None:
   except distributed.PeerError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except (train.Interrupted, KeyboardInterrupt) as e:
+    print(str(e) if isinstance(e, train.Interrupted) else
+          'interrupted before the first step: rerun the same command to start', file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT)
   except Exception as e:  # noqa: BLE001 - a refused write is one line, anything else raises
     # a collective that failed because a peer died (gloo's connection reset): the watch
     # names the lost process and ends this one within the timeout

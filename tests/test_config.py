@@ -100,6 +100,36 @@ def test_main_prints_one_line_and_exits_2(tmp_path):
       'error: config.model.d_model=128 is not divisible by config.model.n_heads=3')
 
 
+@pytest.mark.parametrize('arguments, line', [
+    (['--config', 'experiments/shakespeare_char.py:smok', '--workdir', 'W'],
+     "error: --config=experiments/shakespeare_char.py:smok: unknown variant 'smok' (did you mean "
+     "'smoke'?); the variants are 'smoke' or none"),
+    (['--config', 'experiments/reverse.py:grpo,dat=x', '--workdir', 'W'],
+     "error: --config=experiments/reverse.py:grpo,dat=x: unknown variant option 'dat=x' "
+     '(options: data=..., runs=...)'),
+    (['--config', 'experiments/gpt2_124m_lm1b.py:smoke', '--workdir', 'W'],
+     'error: --config=experiments/gpt2_124m_lm1b.py:smoke: experiments/gpt2_124m_lm1b.py has no '
+     'variants (give the file alone)'),
+    (['--config', 'experiments/shakespeare_char.py', '--workdri', 'W'],
+     "error: Unknown command line flag 'workdri'. Did you mean: workdir ?"),
+    (['--config', 'experiments/shakespeare_char.py'],
+     'error: flag --workdir=None: Flag --workdir must have a value other than None.'),
+    (['--config', 'experiments/shakespeare_char.py', '--workdir', 'W', '--config.train.steps=abc'],
+     "error: flag --config.train.steps=abc: invalid literal for int() with base 10: 'abc'"),
+])
+def test_a_mistyped_command_line_is_one_line_and_exit_2(arguments, line):
+  result = subprocess.run([sys.executable, '-m', 'lm.main', *arguments], capture_output=True,
+                          text=True, env=command_env(), cwd=epath.Path(__file__).parent.parent)
+  assert (result.returncode, result.stderr.strip().splitlines()) == (2, [line])
+
+
+@pytest.mark.parametrize('command', ['lm.main', 'lm.plan', 'lm.sample', 'lm.hf', 'launch.sweep'])
+def test_help_exits_0(command):
+  result = subprocess.run([sys.executable, '-m', command, '--help'], capture_output=True,
+                          text=True, env=command_env(), cwd=epath.Path(__file__).parent.parent)
+  assert result.returncode == 0 and '--' in result.stdout, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize('line, message', [
     ('{"prompt": "a"}', r"p.jsonl:2: missing string field 'response'"),
     ('{"prompt": "a", "response": 3}', r"p.jsonl:2: missing string field 'response'"),

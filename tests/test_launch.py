@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from etils import epath
 
@@ -88,6 +89,34 @@ def test_sweep_bad_input(tmp_path):
                 '--where', 'gcp', check=False)
   assert where.returncode == 2
   assert "--where='gcp' is not one of ['local', 'tpu', 'skypilot']" in where.stderr
+
+
+@pytest.mark.parametrize('argument, message', [
+    ('--paralel=2', "unknown argument '--paralel=2' (did you mean '--parallel'?); besides this "
+     "command's flags, only --config.KEY=VALUE overrides and --peer_timeout=... pass to every "
+     'point'),
+    ('--config.train.steps=40', '--config.train.steps=40 overrides config.train.steps, which the '
+     'sweep sets per point: every point would train alike under a name that says otherwise; '
+     'change get_sweep() instead'),
+    ('--config.train.stepz=40', "--config.train.stepz=40: 'train.stepz' is not a config key; "
+     "did you mean 'train.steps'?"),
+])
+def test_a_mistyped_or_swept_pass_through_argument_is_refused_before_any_point(
+    tmp_path, argument, message):
+  refused = sweep('--config', 'experiments/scaling_shakespeare.py', '--sweep_dir',
+                  str(tmp_path / 'sweep'), argument, check=False)
+  assert (refused.returncode, refused.stderr.strip().splitlines()) == (2, [f'error: {message}'])
+  assert not (tmp_path / 'sweep').exists()   # nothing queued, nothing started
+  passed = sweep('--config', 'experiments/scaling_shakespeare.py', '--sweep_dir',
+                 str(tmp_path / 'sweep'), '--dry-run', '--config.optim.lr=1e-3')
+  assert all(line.endswith(' --config.optim.lr=1e-3') for line in passed.stdout.splitlines()
+             if 'lm.main' in line)
+
+
+def test_status_of_a_directory_that_holds_no_sweep_is_an_error(tmp_path):
+  status = sweep('--status', '--sweep_dir', str(tmp_path), check=False)
+  assert (status.returncode, status.stderr.strip()) == (
+      2, f'error: --sweep_dir={tmp_path} holds no sweep (no queued points)')
 
 
 PREEMPTED = '''

@@ -24,8 +24,8 @@ SMALL = ['--config.model.n_layers=2', '--config.model.d_model=64', '--config.tra
          '--config.train.eval_batches=2', '--config.train.log_every=1',
          '--config.optim.warmup_steps=10', '--config.sample.num_tokens=0']
 
-# Run lm.main, but SIGKILL the process when it reaches step KILL_AT (after the checkpoint
-# of step WAIT_AT has been written), as a crash or preemption would.
+# Run lm.main, but send the process a signal (SIGKILL, as a crash or preemption would; SIGINT,
+# as Ctrl-C does) when it reaches step KILL_AT, after the checkpoint of step WAIT_AT is written.
 KILLED_MAIN = '''
 import os, signal, sys
 from absl import app
@@ -33,6 +33,7 @@ from lm import cli, main
 from lm.training import checkpoint
 from lm.training import loop as train
 KILL_AT, WAIT_AT = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+SIGNAL = getattr(signal, sys.argv.pop(1))
 save, push = checkpoint.Checkpointer.save, train.Logger.push
 def save_and_wait(self, step, *args):
   save(self, step, *args)
@@ -40,7 +41,7 @@ def save_and_wait(self, step, *args):
     self.wait()
 def push_or_die(self, step, metrics):
   if step == KILL_AT:
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), SIGNAL)
   push(self, step, metrics)
 checkpoint.Checkpointer.save, train.Logger.push = save_and_wait, push_or_die
 app.run(main.main, flags_parser=cli.parse_flags)
@@ -50,7 +51,7 @@ app.run(main.main, flags_parser=cli.parse_flags)
 EXPERIMENT = 'experiments/shakespeare_char.py'
 
 
-def run_main(workdir, *flags, config=EXPERIMENT, kill_at=None,
+def run_main(workdir, *flags, config=EXPERIMENT, kill_at=None, kill_with='SIGKILL',
              check=True, devices: int | None = 1, optimized: bool = False):
   """Runs the main command in a fresh process on `devices` CPU devices (None: as many as the
   experiment's config.mesh.cpu_devices asks for, as a user's command line gets); compiled
@@ -58,7 +59,7 @@ def run_main(workdir, *flags, config=EXPERIMENT, kill_at=None,
   env = command_env(optimized)
   if devices is not None:
     env['XLA_FLAGS'] = xla_flags_with_cpu_devices(devices, env.get('XLA_FLAGS'))
-  prefix = ['-c', KILLED_MAIN, str(kill_at), '30'] if kill_at else ['-m', 'lm.main']
+  prefix = ['-c', KILLED_MAIN, str(kill_at), '30', kill_with] if kill_at else ['-m', 'lm.main']
   result = subprocess.run([sys.executable, *prefix, '--config', config, '--workdir',
                            str(workdir), *flags], capture_output=True, text=True, env=env,
                           cwd=ROOT)
@@ -106,6 +107,17 @@ def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
   final = [m for m in read_metrics(killed) if 'test_loss' in m]
   expected = [m for m in read_metrics(whole) if 'test_loss' in m][0]
   assert len(final) == 1 and final[0]['test_loss'] == expected['test_loss']
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, tfds_dir):
+  workdir = tmp_path / 'run'
+  flags = [*SMALL, f'--config.data.dir={tfds_dir}']
+  stopped = run_main(workdir, *flags, kill_at=35, kill_with='SIGINT', check=False)
+  assert stopped.returncode == 130, stopped.stderr[-2000:]
+  assert stopped.stderr.strip().splitlines()[-1] == (
+      'interrupted at step 35, last checkpoint 30: rerun the same command to resume')
+  assert 'Traceback' not in stopped.stderr
+  assert 'resuming at step 30' in run_main(workdir, *flags).stdout
 
 
 def test_cpu_checkpoint_of_a_replicated_state_compiles_nothing(tmp_path, caplog):

@@ -1,7 +1,7 @@
 """What a run is: the defaults and their choices (`base`), checks of one value (`checks`), the
 rules of every section (`validation`) and sweeps (`sweeps`). Experiments import this package
 as `from lm import config as config_lib`; its names are `base`'s."""
-from lm.config import base, checks, rundir, validation
+from lm.config import base, checks, rundir, validation, variants
 
 ConfigError = checks.ConfigError
 one_of = checks.one_of
@@ -20,6 +20,7 @@ SCHEDULES = base.SCHEDULES
 TOKENIZERS = base.TOKENIZERS
 get_base_config = base.get_base_config
 mesh_shape = base.mesh_shape
+read_variant = variants.read
 resolve = base.resolve
 saved = base.saved
 validate = validation.validate

@@ -58,7 +58,7 @@ def run_name(point: dict) -> str:
 def apply(config: ml_collections.ConfigDict, point: dict) -> ml_collections.ConfigDict:
   """A copy of config with the point's overrides; unknown keys name the closest real one."""
   config = ml_collections.ConfigDict(config.to_dict())
-  known = _flat_keys(config)
+  known = flat_keys(config)
   for key, value in point.items():
     if key not in known:
       close = difflib.get_close_matches(key, known, n=1)
@@ -78,11 +78,12 @@ def as_flags(point: dict) -> list[str]:
           f'--config.{key}={value}' for key, value in point.items()]
 
 
-def _flat_keys(config, prefix: str = '') -> list[str]:
+def flat_keys(config, prefix: str = '') -> list[str]:
+  """Every key of the config, dotted (model.d_model, ...)."""
   keys = []
   for key, value in config.items():
     if isinstance(value, ml_collections.ConfigDict):
-      keys += _flat_keys(value, f'{prefix}{key}.')
+      keys += flat_keys(value, f'{prefix}{key}.')
     else:
       keys.append(f'{prefix}{key}')
   return keys

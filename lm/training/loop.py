@@ -30,6 +30,10 @@ class NonFiniteError(RuntimeError):
   """Too many non-finite updates in a row."""
 
 
+class Interrupted(Exception):
+  """Ctrl-C during training: says at which step, and the checkpoint a rerun resumes from."""
+
+
 def global_batch(program: steps.Program, local_batch: dict[str, np.ndarray], batch_size: int):
   """This process's rows -> one array of batch_size rows over all processes' devices."""
   if jax.process_count() == 1:   # the same result, without the multi-host bookkeeping
@@ -190,35 +194,50 @@ def resume_or_start(config: ml_collections.ConfigDict, workdir: epath.Path,
   program = program.with_frozen(_frozen(program, workdir, warm, run, t.seed,
                                         config.distill.teacher))
   if state is None:
-    state = program.init(jax.random.PRNGKey(t.seed))
-    if warm and not config.lora.rank:   # under LoRA the warm start is the frozen base
-      # a scalar head (reward, value) new to this run keeps its fresh initialisation
-      heads = {k: v for k, v in state.params.items() if k == 'score_head'}
-      state = state.replace(params=checkpoint.load_params(
-          warm, program.abstract_state.params, run, 'config.train.init_from', fresh=heads))
-    if config.lora.train_also:   # trained beside the adapters, from the base's values
-      state = state.replace(params={**state.params, peft.FULL: jax.tree.map(
-          jnp.copy, peft.selected(program.frozen['base'], config.lora.train_also))})
-    if config.prune.method != 'none':   # the run starts pruned (one-shot, or step 0's share)
-      state = state.replace(params=program.in_mesh(jax.jit(
-          lambda p: prune.prune(p, config.prune, t.steps)[0],
-          out_shardings=program.state_sharding.params))(state.params))
-  start_step = int(state.step)
+    state = _new_state(config, program, warm, run)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     RunDir(workdir).config.write_text(config.to_json_best_effort(indent=2))
-    counts = program.model_config.param_counts()
+    start_step = int(state.step)
     if start_step and schedule_note:
       print(schedule_note)
     set_aside = ''.join(f' (checkpoint {step} set aside as {name}: {why})'
                         for step, name, why in ckpt.set_aside)
-    start = (f'resuming at step {start_step}{set_aside}' if start_step else
-             f'starting from the parameters of {warm}' if warm else 'starting')
-    print(f'{start}: {counts["total"]:,} parameters ({counts["non_embedding"]:,} '
-          f'non-embedding), vocabulary {config.model.vocab_size}, mesh {dict(program.mesh.shape)}, '
-          f'objective {t.objective}')
-    print(_trainable_summary(program, state))
+    print(_summary(config, program, state, f'resuming at step {start_step}{set_aside}'
+                   if start_step else f'starting from the parameters of {warm}' if warm
+                   else 'starting'))
   return Start(config, data, program, state, run)
+
+
+def _new_state(config: ml_collections.ConfigDict, program: steps.Program, warm, run: dict):
+  """The train state of a run's first step: initialised, then given the warm start's
+  parameters (config.train.init_from's step directory `warm`), the parameters LoRA trains
+  beside its adapters, and the pruning the run starts with."""
+  state = program.init(jax.random.PRNGKey(config.train.seed))
+  if warm and not config.lora.rank:   # under LoRA the warm start is the frozen base
+    # a scalar head (reward, value) new to this run keeps its fresh initialisation
+    heads = {k: v for k, v in state.params.items() if k == 'score_head'}
+    state = state.replace(params=checkpoint.load_params(
+        warm, program.abstract_state.params, run, 'config.train.init_from', fresh=heads))
+  if config.lora.train_also:   # trained beside the adapters, from the base's values
+    state = state.replace(params={**state.params, peft.FULL: jax.tree.map(
+        jnp.copy, peft.selected(program.frozen['base'], config.lora.train_also))})
+  if config.prune.method != 'none':   # the run starts pruned (one-shot, or step 0's share)
+    state = state.replace(params=program.in_mesh(jax.jit(
+        lambda p: prune.prune(p, config.prune, config.train.steps)[0],
+        out_shardings=program.state_sharding.params))(state.params))
+  return state
+
+
+def _summary(config: ml_collections.ConfigDict, program: steps.Program, state,
+             start: str) -> str:
+  """How the run starts (`start`), its size, vocabulary, mesh and objective, and what it
+  trains."""
+  counts = program.model_config.param_counts()
+  return (f'{start}: {counts["total"]:,} parameters ({counts["non_embedding"]:,} '
+          f'non-embedding), vocabulary {config.model.vocab_size}, mesh '
+          f'{dict(program.mesh.shape)}, objective {config.train.objective}\n'
+          + _trainable_summary(program, state))
 
 
 def _frozen(program: steps.Program, workdir: epath.Path, warm, run: dict, seed: int,
@@ -302,7 +321,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
   try:   # closed on any error too: tensorboardX's exit handler fails at shutdown on 3.12
     logger = Logger(config, program, writer, bar, start_step)
     evaluate_on = functools.partial(_evaluate, source)
-    val = None
+    val, step = None, start_step
     for step in range(start_step + 1, t.steps + 1):
       batch, host_metrics = source.next_batch(state, step)
       state, step_metrics = program.train_step(state, batch)
@@ -326,23 +345,36 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
     test, seconds = _timed(evaluate_on, state.params, 'test')
     val = val or evaluate_on(state.params, 'validation')
     writer.write(t.steps, {**test, 'test_wall_s': seconds})
-  except BaseException:
+  except BaseException as e:
     bar.close()   # the error's line below the bar, not on it
     with contextlib.suppress(Exception):   # a full disk fails the close too: report the first
       writer.close()
-    raise
+    if not isinstance(e, KeyboardInterrupt):
+      raise
+    with contextlib.suppress(Exception):   # a save in flight completes: it is the one to resume
+      ckpt.wait()
+    raise Interrupted(f'interrupted at step {step}, last checkpoint '
+                      f'{max(ckpt.manager.all_steps(), default="none")}: rerun the same command '
+                      'to resume') from None
   writer.close()
-  text = _sample(config, program, state.params, data.tokenizer)   # every process takes part
-  wall = time.perf_counter() - start_time
-  final = {'steps': t.steps, **val, **test, 'wall_s': wall}
+  return _finish(config, program, state.params, data.tokenizer, {**val, **test}, run_dir,
+                 time.perf_counter() - start_time)
+
+
+def _finish(config, program: steps.Program, params, tokenizer, scores: dict[str, float],
+            run_dir: RunDir, wall: float) -> dict[str, float]:
+  """The final metrics, written to final.json (which marks the run finished) after a sample
+  from config.sample's prompt is printed; returned."""
+  text = _sample(config, program, params, tokenizer)   # every process takes part
+  final = {'steps': config.train.steps, **scores, 'wall_s': wall}
   if config.prune.method != 'none':
-    final['sparsity'] = prune.sparsity(state.params, config.prune.targets)
-  if is_main:
-    run_dir.final.write_text(json.dumps(final))   # marks the run finished
+    final['sparsity'] = prune.sparsity(params, config.prune.targets)
+  if jax.process_index() == 0:
+    run_dir.final.write_text(json.dumps(final))
     if text is not None:
       print('sample:\n' + text)
-    scores = ', '.join(f'{k} {v:.4f}' for k, v in {**val, **test}.items())
-    print(f'done: {t.steps} steps, {scores}, {wall:.1f}s wall, workdir {workdir}')
+    shown = ', '.join(f'{k} {v:.4f}' for k, v in scores.items())
+    print(f'done: {config.train.steps} steps, {shown}, {wall:.1f}s wall, workdir {run_dir.path}')
   return final
 
 
