@@ -109,7 +109,7 @@ def test_killed_run_resumes_bitwise(tmp_path, tfds_dir):
   assert len(final) == 1 and final[0]['test_loss'] == expected['test_loss']
 
 
-def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, tfds_dir):
+def test_ctrl_c_says_how_to_resume_and_the_run_counts_every_segment_once(tmp_path, tfds_dir):
   workdir = tmp_path / 'run'
   flags = [*SMALL, f'--config.data.dir={tfds_dir}']
   stopped = run_main(workdir, *flags, kill_at=35, kill_with='SIGINT', check=False)
@@ -118,6 +118,22 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, tfds_dir)
       'interrupted at step 35, last checkpoint 30: rerun the same command to resume')
   assert 'Traceback' not in stopped.stderr
   assert 'resuming at step 30' in run_main(workdir, *flags).stdout
+  # wall_s sums both processes' times (the first one's up to its last line, step 33)
+  final = json.loads((workdir / 'final.json').read_text())
+  segments = final['segments']
+  assert [(s['start_step'], s['end_step']) for s in segments] == [(0, 33), (30, 60)], segments
+  assert all(s['wall_s'] > 0 for s in segments)
+  assert final['wall_s'] == pytest.approx(sum(s['wall_s'] for s in segments), abs=1e-3)
+  # a rerun of the finished run evaluates nothing again and leaves its record as it was
+  again = run_main(workdir, *flags)
+  assert 'the run finished at step 60' in again.stdout
+  assert json.loads((workdir / 'final.json').read_text()) == final
+  assert len([m for m in read_metrics(workdir) if 'test_loss' in m]) == 1
+  # trained further: one final evaluation still, at the new last step
+  run_main(workdir, *flags, '--config.train.steps=70', '--config.optim.decay_steps=60')
+  assert [m['step'] for m in read_metrics(workdir) if 'test_loss' in m] == [70]
+  segments = json.loads((workdir / 'final.json').read_text())['segments']
+  assert [(s['start_step'], s['end_step']) for s in segments] == [(0, 33), (30, 60), (60, 70)]
 
 
 def test_cpu_checkpoint_of_a_replicated_state_compiles_nothing(tmp_path, caplog):

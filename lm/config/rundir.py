@@ -7,6 +7,8 @@
     RUN/frozen/              what the objective reads but never trains (LoRA base, reference,
                              teacher), saved once when the run starts
     RUN/metrics.jsonl        one JSON line per logged step; RUN/tensorboard/ the same
+    RUN/heartbeat.json       the last logged step, its time, and the wall-clock seconds of
+                             each process segment of the run (a sweep's status reads it)
     RUN/final.json           the final metrics, written last: the run finished
 
 It lives with the config, on the lowest floor, because the config (warm starts), the data
@@ -41,6 +43,7 @@ class RunDir:
   frozen = property(lambda self: self.path / 'frozen')
   metrics = property(lambda self: self.path / 'metrics.jsonl')
   tensorboard = property(lambda self: self.path / 'tensorboard')
+  heartbeat = property(lambda self: self.path / 'heartbeat.json')
   final = property(lambda self: self.path / 'final.json')
 
   def step(self, step: int) -> epath.Path:

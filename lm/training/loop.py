@@ -315,7 +315,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
   t, start_step = config.train, int(state.step)
   source = (rl.Rollouts if objective_traits.of(config).rollouts else TextBatches)(
       config, program, data)
-  writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main, total_steps=t.steps)
+  if start_step == t.steps and _finished(run_dir):
+    return _already_finished(run_dir, start_step)
+  writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main, total_steps=t.steps,
+                                     started=start_time)
   bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
                   dynamic_ncols=True, mininterval=1.0)
   try:   # closed on any error too: tensorboardX's exit handler fails at shutdown on 3.12
@@ -358,15 +361,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
                       'to resume') from None
   writer.close()
   return _finish(config, program, state.params, data.tokenizer, {**val, **test}, run_dir,
-                 time.perf_counter() - start_time)
+                 writer)
+
+
+def _finished(run_dir: RunDir) -> bool:
+  """Whether the run wrote final.json (process 0's answer: it alone writes the file)."""
+  answer = run_dir.final.exists() if jax.process_index() == 0 else False
+  return distributed.broadcast_text('yes' if answer else '') == 'yes'
+
+
+def _already_finished(run_dir: RunDir, step: int) -> dict:
+  """A rerun of a finished run: its final metrics as they were, nothing evaluated again."""
+  final = json.loads(run_dir.final.read_text()) if jax.process_index() == 0 else {}
+  if jax.process_index() == 0:
+    print(f'the run finished at step {step} ({run_dir.final}); raise config.train.steps to '
+          'train it further')
+  return final
 
 
 def _finish(config, program: steps.Program, params, tokenizer, scores: dict[str, float],
-            run_dir: RunDir, wall: float) -> dict[str, float]:
+            run_dir: RunDir, writer: metrics_lib.MetricsWriter) -> dict:
   """The final metrics, written to final.json (which marks the run finished) after a sample
-  from config.sample's prompt is printed; returned."""
+  from config.sample's prompt is printed; returned. Its wall_s sums the run's segments (each
+  process that trained it, interrupted ones included), listed in `segments`."""
   text = _sample(config, program, params, tokenizer)   # every process takes part
-  final = {'steps': config.train.steps, **scores, 'wall_s': wall}
+  segments = writer.segments_now(config.train.steps)
+  wall = round(sum(s['wall_s'] for s in segments), 3)
+  final = {'steps': config.train.steps, **scores, 'wall_s': wall, 'segments': segments}
   if config.prune.method != 'none':
     final['sparsity'] = prune.sparsity(params, config.prune.targets)
   if jax.process_index() == 0:

@@ -45,24 +45,35 @@ class MetricsWriter:
   locally and copied to the workdir's tensorboard/ at every write.
 
   Every write also rewrites heartbeat.json (step, total steps, time, last validation loss):
-  a few bytes that a sweep's status table reads instead of the whole metrics file."""
+  a few bytes that a sweep's status table reads instead of the whole metrics file. It also
+  holds the run's `segments`, one per process that trained it ({start_step, end_step,
+  wall_s}, this one's from `started`, a time.perf_counter()), so that a run's wall-clock time
+  sums every segment's, those of interrupted processes included.
+
+  A run's final evaluation is logged once: on resume its test_* line is dropped."""
 
   def __init__(self, workdir: epath.Path, start_step: int = 0, enabled: bool = True,
-               total_steps: int | None = None):
+               total_steps: int | None = None, started: float | None = None):
     self.enabled = enabled
+    self.started = time.perf_counter() if started is None else started
     if not enabled:
       return
-    self.path = RunDir(workdir).metrics
-    self.heartbeat = {'steps': total_steps, 'val_loss': None}
+    run = RunDir(workdir)
+    self.path, self.heartbeat_path = run.metrics, run.heartbeat
+    previous = json.loads(run.heartbeat.read_text()) if run.heartbeat.exists() else {}
+    self.segments = [*previous.get('segments', []),
+                     {'start_step': start_step, 'end_step': start_step, 'wall_s': 0.0}]
+    self.heartbeat = {'steps': total_steps, 'val_loss': None, 'segments': self.segments}
     self.remote = is_remote(workdir)
     self.lines = []
     if self.path.exists():
       self.lines = [line + '\n' for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)['step'] <= start_step]
+                    if line.strip() and json.loads(line)['step'] <= start_step
+                    and not any(k.startswith('test_') for k in json.loads(line))]
       self.path.write_text(''.join(self.lines))
       losses = [row['val_loss'] for row in map(json.loads, self.lines) if 'val_loss' in row]
       self.heartbeat['val_loss'] = losses[-1] if losses else None
-    self.tb_dir = RunDir(workdir).tensorboard
+    self.tb_dir = run.tensorboard
     local_tb = tempfile.mkdtemp(prefix='lm-tensorboard-') if self.remote else str(self.tb_dir)
     self.tb = _summary_writer()(local_tb, purge_step=start_step + 1 if start_step else None)
 
@@ -77,9 +88,10 @@ class MetricsWriter:
     else:
       with self.path.open('a') as f:   # appending loses nothing if the process is killed
         f.write(line)
+    self.segments_now(step)
     self.heartbeat.update(step=step, time=time.time(),
                           val_loss=clean.get('val_loss', self.heartbeat['val_loss']))
-    (self.path.parent / 'heartbeat.json').write_text(json.dumps(self.heartbeat))
+    self.heartbeat_path.write_text(json.dumps(self.heartbeat))
     for name, value in clean.items():
       if value is not None and not isinstance(value, str):
         self.tb.add_scalar(name, value, step)
@@ -88,6 +100,15 @@ class MetricsWriter:
       self.tb_dir.mkdir(parents=True, exist_ok=True)
       for event_file in epath.Path(self.tb.logdir).iterdir():
         event_file.copy(self.tb_dir / event_file.name, overwrite=True)
+
+  def segments_now(self, step: int) -> list[dict]:
+    """The run's segments with this one's ended now, at `step` (this process's alone where
+    it does not write the metrics)."""
+    now = {'end_step': step, 'wall_s': round(time.perf_counter() - self.started, 3)}
+    if not self.enabled:
+      return [now]
+    self.segments[-1].update(now)
+    return self.segments
 
   def close(self) -> None:
     if self.enabled:
