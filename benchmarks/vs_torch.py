@@ -2,7 +2,7 @@
 line per pair of runs and a last one with the medians.
 
     python benchmarks/vs_torch.py [--pairs 3] [--steps N] [--whole [--warm_cache]]
-        [--reference ../shared/bench/torch_reference.py] [--config experiments/X.py]
+        [--reference benchmarks/torch_reference.py] [--config experiments/X.py]
         [--lm_flag=--config.a.b=v ...]
 
 The two run in turn (lm, reference, lm, reference, ...) so that each pair sees the same
@@ -43,8 +43,7 @@ _STEPS = flags.DEFINE_integer('steps', None, 'Steps of each run (default: 300; -
 _WHOLE = flags.DEFINE_bool('whole', False, 'Time the whole commands, not the steady step.')
 _WARM = flags.DEFINE_bool('warm_cache', False, "With --whole: lm's programs come from a "
                           'compilation cache filled by an untimed first run (a rerun).')
-_REFERENCE = flags.DEFINE_string('reference', str(ROOT.parent / 'shared' / 'bench' /
-                                                  'torch_reference.py'),
+_REFERENCE = flags.DEFINE_string('reference', str(ROOT / 'benchmarks' / 'torch_reference.py'),
                                  'The PyTorch reference script.')
 _CONFIG = flags.DEFINE_string('config', 'experiments/shakespeare_char.py',
                               "lm's experiment (the recipe the reference trains).")

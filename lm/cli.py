@@ -1,6 +1,8 @@
 """What every command shares: absl flag parsing where a missing experiment file or an unknown
 `--config.*` override key is one line on stderr and exit code 2, not a traceback."""
+import glob
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -52,7 +54,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f'--config={value}: {cause}')
       if isinstance(cause, TypeError) and 'get_config() takes 0' in str(cause):
         fail(f'--config={value}: {path} has no variants (give the file alone)')
-    fail(str(e).splitlines()[0].removesuffix(': Error whilst parsing config file:'))
+    line = str(e).splitlines()[0].removesuffix(': Error whilst parsing config file:')
+    fail(re.sub(r'^flags \w+=[^:]*: ', '', line))   # a validator of several flags: its message
 
 
 def _causes(error: BaseException) -> list[BaseException]:
@@ -62,6 +65,20 @@ def _causes(error: BaseException) -> list[BaseException]:
     chain.append(error)
     error = error.__cause__ or error.__context__
   return chain[::-1]
+
+
+def skip_absent_tpu() -> None:
+  """JAX on the CPU alone where libtpu is installed (the `tpu` extra, for compiling TPU
+  programs) but the machine has neither a TPU nor an NVIDIA GPU: otherwise JAX starts libtpu,
+  which prints a page of warnings about the TPU it cannot find. JAX_PLATFORMS, when set,
+  decides. Call before JAX makes its backends (lm.plan, which compiles for TPU, does not)."""
+  if 'JAX_PLATFORMS' in os.environ:
+    return
+  accelerators = ('/dev/accel*', '/dev/vfio/[0-9]*', '/dev/nvidia[0-9]*')
+  if not any(glob.glob(pattern) for pattern in accelerators):
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+    if 'jax' in sys.modules:   # it read the variable when imported: tell it
+      sys.modules['jax'].config.update('jax_platforms', 'cpu')
 
 
 def use_compilation_cache() -> None:
@@ -113,6 +130,7 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
   """A command's entry point: `main(argv)` (by default the command line's arguments), with bad
   input (a ConfigError, which names the field or file) reported as one line on stderr and exit
   code 2 instead of a traceback."""
+  skip_absent_tpu()
   try:
     main(sys.argv[1:] if argv is None else argv)
   except ConfigError as e:

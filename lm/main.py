@@ -1,4 +1,5 @@
-"""Command line: `python -m lm.main --config experiments/X.py --workdir DIR [--config.a.b=v]`."""
+"""Command line: `python -m lm.main --config experiments/X.py --workdir DIR [--config.a.b=v]`
+trains (or resumes) one run; `--show_config` prints its resolved config instead."""
 import os
 import sys
 
@@ -19,7 +20,13 @@ _PEER_TIMEOUT = flags.DEFINE_float(
     'peer_timeout', 30.0, 'In a run of several processes: seconds without a heartbeat from '
     'another process after which every process ends (exit code 4), naming the lost one; 0: '
     'never (JAX then aborts after its own 100 s).')
-flags.mark_flags_as_required(['config', 'workdir'])
+_SHOW_CONFIG = flags.DEFINE_bool(
+    'show_config', False, 'Print the resolved config, every key with its value and meaning, '
+    'and exit (no --workdir needed).')
+flags.mark_flags_as_required(['config'])
+flags.register_multi_flags_validator(
+    ['workdir', 'show_config'], lambda f: bool(f['workdir']) or f['show_config'],
+    message='--workdir is required (the run directory; it resumes if it holds checkpoints)')
 STORAGE_EXIT = 3   # the workdir's storage refused a write (full, read-only, gone): see README
 INTERRUPTED_EXIT = 130   # Ctrl-C, as shells report SIGINT (128 + 2)
 
@@ -27,11 +34,16 @@ INTERRUPTED_EXIT = 130   # Ctrl-C, as shells report SIGINT (128 + 2)
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
+  cli.skip_absent_tpu()
   cli.use_compilation_cache()
   from lm.parallel import distributed  # after flag parsing: --help does not import JAX
   from lm.training import loop as train
   try:
     config = cli.load_config(_CONFIG)
+    if _SHOW_CONFIG.value:
+      from lm.config import reference
+      print(reference.annotated(config_lib.resolve(config, None)))
+      return
     cli.split_cpu(config.mesh.cpu_devices)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.train(config, _WORKDIR.value, _PEER_TIMEOUT.value)

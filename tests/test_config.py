@@ -1,4 +1,5 @@
 """Bad input gives one clear line naming the field or file, before anything compiles."""
+import os
 import subprocess
 import sys
 
@@ -6,6 +7,7 @@ import pytest
 from etils import epath
 
 from lm import config as config_lib
+from lm.config import reference
 from lm.data import pipeline, sources
 from tests.conftest import command_env, tiny_config
 
@@ -113,7 +115,7 @@ def test_main_prints_one_line_and_exits_2(tmp_path):
     (['--config', 'experiments/shakespeare_char.py', '--workdri', 'W'],
      "error: Unknown command line flag 'workdri'. Did you mean: workdir ?"),
     (['--config', 'experiments/shakespeare_char.py'],
-     'error: flag --workdir=None: Flag --workdir must have a value other than None.'),
+     'error: --workdir is required (the run directory; it resumes if it holds checkpoints)'),
     (['--config', 'experiments/shakespeare_char.py', '--workdir', 'W', '--config.train.steps=abc'],
      "error: flag --config.train.steps=abc: invalid literal for int() with base 10: 'abc'"),
 ])
@@ -121,6 +123,18 @@ def test_a_mistyped_command_line_is_one_line_and_exit_2(arguments, line):
   result = subprocess.run([sys.executable, '-m', 'lm.main', *arguments], capture_output=True,
                           text=True, env=command_env(), cwd=epath.Path(__file__).parent.parent)
   assert (result.returncode, result.stderr.strip().splitlines()) == (2, [line])
+
+
+def test_show_config_prints_every_resolved_key_with_its_meaning():
+  result = subprocess.run([sys.executable, '-m', 'lm.main', '--config',
+                           'experiments/shakespeare_char.py:smoke', '--show_config',
+                           '--config.train.steps=7'], capture_output=True, text=True,
+                          env=command_env(), cwd=epath.Path(__file__).parent.parent)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert 'train.steps = 7' in lines
+  assert 'model.d_ff = 512                                   # 0: 4 * d_model' in lines   # resolved
+  assert len(lines) == len(reference.comments())   # one line per key
 
 
 @pytest.mark.parametrize('command', ['lm.main', 'lm.plan', 'lm.sample', 'lm.hf', 'launch.sweep'])
@@ -213,3 +227,19 @@ def test_a_run_validates_once_before_any_io_and_once_with_the_vocabulary(tmp_pat
                      r"the 65 ids of the 'char' tokenizer"):
     loop.train(config, tmp_path / 'small_vocabulary')
   assert [vocab for vocab, _ in calls] == [None, 65]
+
+
+@pytest.mark.parametrize('devices, expected', [([], 'cpu'), (['/dev/accel0'], None),
+                                               (['/dev/nvidia0'], None)])
+def test_commands_skip_libtpu_where_the_machine_has_no_accelerator(monkeypatch, devices, expected):
+  """Without a TPU or GPU, JAX is told to use the CPU alone: an installed libtpu then never
+  starts (and prints its page of warnings); JAX_PLATFORMS, when set, is left alone."""
+  from lm import cli
+  monkeypatch.delenv('JAX_PLATFORMS')
+  monkeypatch.setattr(cli.glob, 'glob', lambda pattern: [d for d in devices if
+                                                         d.startswith(pattern.split('*')[0][:9])])
+  cli.skip_absent_tpu()
+  assert os.environ.get('JAX_PLATFORMS') == expected
+  monkeypatch.setenv('JAX_PLATFORMS', 'tpu')
+  cli.skip_absent_tpu()
+  assert os.environ['JAX_PLATFORMS'] == 'tpu'
