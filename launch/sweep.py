@@ -306,7 +306,8 @@ def _do(command: list[str], dry_run: bool) -> None:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog='python -m launch.sweep',
-                                   description=__doc__.split('\n')[0])
+                                   description=__doc__.split('\n')[0], allow_abbrev=False,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument('--config', help='experiments/X.py[:variant]')
   parser.add_argument('--sweep_dir', required=True, help='one directory for all points')
   parser.add_argument('--where', default='local', help=f'one of {WHERE}')
@@ -314,7 +315,8 @@ def main(argv=None) -> None:
   parser.add_argument('--watch', action='store_true',
                       help='tpu: stay, recreate preempted slices, delete them at the end')
   parser.add_argument('--status', action='store_true', help='print the sweep\'s table and exit')
-  parser.add_argument('--dry-run', action='store_true', help='print the commands only')
+  parser.add_argument('--dry_run', '--dry-run', action='store_true',
+                      help='print the commands only')
   parser.add_argument('--delete', action='store_true', help='tpu: delete the sweep\'s slices')
   parser.add_argument('--max_failures', type=int, default=3,
                       help='failed attempts before a point is marked failed')

@@ -1,5 +1,6 @@
 """What every command shares: absl flag parsing where a missing experiment file or an unknown
 `--config.*` override key is one line on stderr and exit code 2, not a traceback."""
+import argparse
 import glob
 import os
 import re
@@ -79,6 +80,23 @@ def skip_absent_tpu() -> None:
     os.environ['JAX_PLATFORMS'] = 'cpu'
     if 'jax' in sys.modules:   # it read the variable when imported: tell it
       sys.modules['jax'].config.update('jax_platforms', 'cpu')
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """The description as written, and each flag's default after its help (where it has one)."""
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    if action.default is None or action.default is False:
+      return action.help
+    return super()._get_help_string(action)
+
+
+def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+  """The one style of the argparse commands: flags spelled with underscores (hyphenated ones
+  that commands took before stay as aliases), every flag with its help and default, and no
+  prefix of a flag taken for it (`--max_new_token` is an error, not `--max_new_tokens`)."""
+  return argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=HelpFormatter, allow_abbrev=False)
 
 
 def use_compilation_cache() -> None:

@@ -2,7 +2,6 @@
 
     python -m lm.compare RUN_DIR... | SWEEP_DIR [--csv F] [--markdown F] [--plots DIR]
 """
-import argparse
 import json
 import sys
 
@@ -13,13 +12,13 @@ from lm.analysis import compare
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m lm.compare',
-                                   description=compare.__doc__.split('\n')[0])
+  parser = cli.parser('python -m lm.compare', compare.__doc__.split('\n')[0])
   parser.add_argument('runs', nargs='+', help='run directories, or a sweep directory')
-  parser.add_argument('--csv')
-  parser.add_argument('--markdown')
+  parser.add_argument('--csv', help='write the table as CSV here')
+  parser.add_argument('--markdown', help='write the table as Markdown here')
   parser.add_argument('--plots', help='directory for the PNG plots')
-  parser.add_argument('--fit', choices=['1', '2', '3', 'kaplan'])
+  parser.add_argument('--fit', choices=['1', '2', '3', 'kaplan'],
+                      help='fit a scaling law to the runs: Chinchilla approach 1-3 or Kaplan')
   args = parser.parse_args(argv)
   runs = compare.find_runs(args.runs)
   if not runs:
@@ -30,12 +29,15 @@ def main(argv=None) -> None:
   for path, fmt in ((args.csv, 'csv'), (args.markdown, 'markdown')):
     if path:
       epath.Path(path).write_text(compare.table(rows, fmt))
+      print(f'wrote {path}')
   if args.plots:
     for path in compare.plot(rows, epath.Path(args.plots)):
       print(f'wrote {path}')
   if args.fit:
     plots = epath.Path(args.plots) / 'scaling_fit.png' if args.plots else None
     print(json.dumps(compare.fit(rows, args.fit, plots)))
+    if plots:
+      print(f'wrote {plots}')
 
 
 if __name__ == '__main__':

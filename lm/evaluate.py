@@ -6,7 +6,6 @@ Runs trained on text are evaluated on their corpus (`lm` objective), SFT runs on
 responses of their JSONL (`sft`); runs trained on preference or prompt data need `--source`
 (a text corpus, as config.data.source). LoRA adapters are merged first.
 """
-import argparse
 import json
 
 from lm import cli
@@ -14,8 +13,7 @@ from lm.tools import evaluation
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog='python -m lm.evaluate', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser('python -m lm.evaluate', __doc__)
   parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
   parser.add_argument('--split', choices=tuple(evaluation.SPLITS), help='one split (default: both)')
   parser.add_argument('--source', help='evaluate on this corpus (config.data.source) instead')

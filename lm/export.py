@@ -2,14 +2,13 @@
 RUN/checkpoints/STEP) as a plain run directory (config.json, tokenizer, parameters), with LoRA
 adapters merged into the base kernels, for `lm.sample`, evaluation and
 config.train.init_from."""
-import argparse
 
 from lm import cli
 from lm.tools import export
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog='python -m lm.export', description=__doc__)
+  parser = cli.parser('python -m lm.export', __doc__)
   parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
   parser.add_argument('--out', required=True, help='the new run directory')
   parser.add_argument('--merge_lora', action='store_true',

@@ -4,7 +4,6 @@
     python -m lm.hf import --from HF_DIR --workdir RUN [--mesh_shape 1,2,4,1]
     python -m lm.hf export --workdir RUN --out HF_DIR [--dtype bfloat16]
 """
-import argparse
 import json
 import re
 
@@ -21,19 +20,20 @@ def _size(text: str) -> int:
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog='python -m lm.hf', description=hf.__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser('python -m lm.hf', hf.__doc__)
   commands = parser.add_subparsers(dest='command', required=True)
   imp = commands.add_parser('import', help='a Hugging Face model directory -> a run directory')
   imp.add_argument('--from', dest='hf_dir', required=True, help='Hugging Face model directory')
   imp.add_argument('--workdir', required=True, help='the run directory to write')
   imp.add_argument('--mesh_shape', default='1,1,1,1',
                    help='data,fsdp,tensor,stage sizes of the mesh the parameters are read onto')
-  imp.add_argument('--param_dtype', default='float32', choices=('float32', 'bfloat16'))
+  imp.add_argument('--param_dtype', default='float32', choices=('float32', 'bfloat16'),
+                   help='the dtype the parameters are stored in')
   exp = commands.add_parser('export', help='a run directory -> a Hugging Face model directory')
   exp.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
   exp.add_argument('--out', required=True, help='the Hugging Face model directory to write')
-  exp.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'))
+  exp.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
+                   help='the dtype of the written tensors')
   exp.add_argument('--max_shard_size', default='2GB', help='split the safetensors above this')
   exp.add_argument('--no_tokenizer', action='store_true', help='write the model only')
   args = parser.parse_args(argv)

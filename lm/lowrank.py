@@ -7,7 +7,6 @@ singular values of every targeted kernel (of every layer: scanned layers share o
 The new run is evaluated and sampled like any run, and fine-tuned with
 `--config.train.init_from=DIR --config.model.from_init_from=True`. Prints one JSON line.
 """
-import argparse
 import json
 
 from lm import cli
@@ -15,8 +14,7 @@ from lm.tools import lowrank
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog='python -m lm.lowrank', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser('python -m lm.lowrank', __doc__)
   parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
   parser.add_argument('--rank', type=int, help='the rank of every factored kernel')
   parser.add_argument('--energy', type=float, help='or: the share of sum(S^2) to keep')

@@ -5,7 +5,6 @@ int8 with a scale per output channel (or per group of G inputs), int4 and NF4 wi
 group of G inputs (default 32). `lm.evaluate` and `lm.sample` read it like any run. Prints one
 JSON line with the sizes in bytes.
 """
-import argparse
 import json
 
 from lm import cli
@@ -14,8 +13,7 @@ from lm.tools import quantize
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog='python -m lm.quantize', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser('python -m lm.quantize', __doc__)
   parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
   parser.add_argument('--scheme', required=True, help=', '.join(quant.SCHEMES))
   parser.add_argument('--group_size', type=int, help='inputs per scale (default: int8 per '

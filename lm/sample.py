@@ -1,7 +1,6 @@
 """Completions from a run: python -m lm.sample --workdir RUN (--prompt TEXT | --prompts_file
 F.jsonl) [--greedy] [--top_k K] [--top_p P] [--stop S] [--out F.jsonl]. The sampler is
 `lm.inference.sampler`."""
-import argparse
 import json
 
 import jax
@@ -15,17 +14,18 @@ from lm.training import runs
 
 def main(argv: list[str]) -> None:
   """python -m lm.sample --workdir RUN (--prompt TEXT | --prompts_file F.jsonl) ..."""
-  parser = argparse.ArgumentParser(prog='python -m lm.sample', description='Completions from a '
-                                   'run (pretrained, SFT, RL, LoRA, exported or imported).')
+  parser = cli.parser('python -m lm.sample', 'Completions from a run (pretrained, SFT, RL, LoRA, '
+                      'exported or imported).')
   parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--prompt', help='one prompt')
   source.add_argument('--prompts_file', help='JSONL with a "prompt" field per line')
-  parser.add_argument('--max_new_tokens', type=int, default=100)
-  parser.add_argument('--temperature', type=float, default=1.0)
-  parser.add_argument('--top_k', type=int, default=0)
-  parser.add_argument('--top_p', type=float, default=1.0)
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--max_new_tokens', type=int, default=100, help='tokens per completion')
+  parser.add_argument('--temperature', type=float, default=1.0, help='softmax temperature')
+  parser.add_argument('--top_k', type=int, default=0, help='sample from the K likeliest (0: all)')
+  parser.add_argument('--top_p', type=float, default=1.0,
+                      help='sample from the smallest set of this probability (nucleus)')
+  parser.add_argument('--seed', type=int, default=0, help='the sampling key')
   parser.add_argument('--greedy', action='store_true', help='argmax instead of sampling')
   parser.add_argument('--stop', action='append', default=[], help='cut before this string')
   parser.add_argument('--batch_size', type=int, default=64, help='prompts decoded together')

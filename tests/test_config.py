@@ -1,5 +1,6 @@
 """Bad input gives one clear line naming the field or file, before anything compiles."""
 import os
+import re
 import subprocess
 import sys
 
@@ -243,3 +244,33 @@ def test_commands_skip_libtpu_where_the_machine_has_no_accelerator(monkeypatch, 
   monkeypatch.setenv('JAX_PLATFORMS', 'tpu')
   cli.skip_absent_tpu()
   assert os.environ['JAX_PLATFORMS'] == 'tpu'
+
+
+ARGPARSE_COMMANDS = [('sample', []), ('evaluate', []), ('reward', []), ('export', []),
+                     ('quantize', []), ('lowrank', []), ('compare', []), ('scaling', ['fit']),
+                     ('scaling', ['plan']), ('hf', ['import']), ('hf', ['export'])]
+
+
+@pytest.mark.parametrize('command, sub', ARGPARSE_COMMANDS,
+                         ids=[' '.join([c, *s]) for c, s in ARGPARSE_COMMANDS])
+def test_every_flag_of_a_command_has_help(command, sub, capsys):
+  """One style (lm.cli.parser): each flag's help line says what it is (and its default)."""
+  import importlib
+  module = importlib.import_module(f'lm.{command}')
+  with pytest.raises(SystemExit) as exited:
+    module.main([*sub, '--help'])
+  assert exited.value.code == 0
+  lines = capsys.readouterr().out.splitlines()
+  options = lines[next(i for i, line in enumerate(lines) if line.startswith('options')) + 1:]
+  bare = [line for i, line in enumerate(options)
+          if re.match(r'^  -', line) and '  ' not in line.strip()
+          and not (i + 1 < len(options) and re.match(r'^ {10,}\S', options[i + 1]))]
+  assert not bare, bare
+
+
+def test_a_prefix_of_a_flag_is_not_taken_for_it(capsys):
+  from lm import sample
+  with pytest.raises(SystemExit) as exited:
+    sample.main(['--workdir', 'W', '--prompt', 'x', '--max_new_token', '5'])
+  assert exited.value.code == 2
+  assert 'unrecognized arguments: --max_new_token 5' in capsys.readouterr().err

@@ -94,8 +94,10 @@ def test_command_line_fit_plot_and_plan(tmp_path):
   command = [sys.executable, '-m', 'lm.scaling', 'fit', str(table), '--n-col', 'params',
              '--flops-col', 'flops', '--loss-col', 'loss', '--approach', '3',
              '--exclude-highest-loss', '4', '--plot', str(tmp_path / 'fit.png')]
-  out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-  fit = json.loads(out)
+  result = subprocess.run(command, capture_output=True, text=True, check=True)
+  out = result.stdout
+  fit = json.loads(out)   # stdout is the fit alone; the plot's line goes to stderr
+  assert f'wrote {tmp_path / "fit.png"}' in result.stderr
   assert {'E', 'A', 'B', 'alpha', 'beta', 'a', 'b'} <= set(fit)
   assert abs(fit['alpha'] - ALPHA) < 0.03
   assert (tmp_path / 'fit.png').stat().st_size > 10_000
@@ -120,3 +122,14 @@ def test_plan_names_a_file_that_is_not_a_fit(tmp_path, capsys, text, message):
   err = capsys.readouterr().err
   assert exit_info.value.code == 2 and f'--fit={path}: not a fit' in err and message in err
   assert err.count('\n') == 1
+
+
+def test_runs_with_numbers_in_their_names_sort_by_value(tmp_path):
+  from lm.analysis import compare
+  names = ['steps=160', 'steps=40', 'lr=1e-3,steps=40', 'lr=3e-4,steps=40', 'steps=1200']
+  for name in names:
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text('{}')
+  found = [run.name for run in compare.find_runs([str(tmp_path)])]
+  assert found == ['lr=3e-4,steps=40', 'lr=1e-3,steps=40', 'steps=40', 'steps=160',
+                   'steps=1200']   # 3e-4 < 1e-3

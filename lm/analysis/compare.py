@@ -11,6 +11,7 @@ tokens, final validation loss) with lm.scaling (approach 1 uses the validation c
 import csv
 import io
 import json
+import re
 import statistics
 
 import ml_collections
@@ -31,8 +32,15 @@ def find_runs(paths: list[str]) -> list[epath.Path]:
     if RunDir(path).config.exists():
       runs.append(path)
     else:
-      runs += sorted(p.parent for p in path.glob(f'*/{RunDir(path).config.name}'))
+      runs += sorted((p.parent for p in path.glob(f'*/{RunDir(path).config.name}')),
+                     key=lambda run: natural_key(run.name))
   return runs
+
+
+def natural_key(name: str) -> list:
+  """Sorts names with numbers in them by value: steps=40 before steps=160."""
+  return [float(part) if part[:1].isdigit() else part
+          for part in re.findall(r'\d+(?:\.\d+)?(?:e[-+]?\d+)?|\D+', name)]
 
 
 def load_run(path: epath.Path) -> dict:

@@ -240,13 +240,16 @@ def plot(fit: dict, n, d, loss, path: str) -> None:
   n_opt, d_opt = optimal_allocation(fit, flops)
   right.loglog(flops, n_opt, label=f'N_opt ∝ C^{fit["a"]:.2f}')
   right.loglog(flops, d_opt, label=f'D_opt ∝ C^{fit["b"]:.2f}')
-  right.set(xlabel='FLOPs', title=f'compute-optimal allocation (approach {fit["approach"]})')
+  right.set(xlabel='training FLOPs C', ylabel='compute-optimal parameters N / tokens D',
+            title=f'compute-optimal allocation (approach {fit["approach"]})')
   right.legend()
   if 'E' in fit:
-    for size in np.unique(n):
+    for i, size in enumerate(np.unique(n)):
       tokens = np.geomspace(d.min(), d.max(), 30)
       model = fit['E'] + fit['A'] / size ** fit['alpha'] + fit['B'] / tokens ** fit['beta']
-      left.plot(6 * size * tokens, model, lw=0.8, color='gray')
+      left.plot(6 * size * tokens, model, lw=0.8, color='gray',
+                label='the fit, L(N, D) at each N' if i == 0 else None)
+    left.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

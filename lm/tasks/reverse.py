@@ -16,6 +16,7 @@ the default split fractions 0.9 / 0.05 / 0.05) are never trained on in any stage
 - prompts.jsonl {"prompt", "answer"} for RL, with `exact_match` as the reward function
   (`config.rl.reward=python:lm.tasks.reverse:exact_match`).
 """
+import argparse
 import json
 import os
 import sys
@@ -104,20 +105,24 @@ def evaluate(run_dir: str, examples: list[dict], seed: int = 0) -> dict[str, flo
 
 
 def main(argv: list[str]) -> None:
-  import argparse
-  parser = argparse.ArgumentParser(prog='python -m lm.tasks.reverse')
+  # the commands' style (lm.cli.parser, which a library module does not import)
+  parser = argparse.ArgumentParser(prog='python -m lm.tasks.reverse', description=__doc__,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                   allow_abbrev=False)
   sub = parser.add_subparsers(dest='command', required=True)
   make_cmd = sub.add_parser('make', help='write the task files')
-  make_cmd.add_argument('--out', required=True)
-  make_cmd.add_argument('--seed', type=int, default=0)
+  make_cmd.add_argument('--out', required=True, help='the directory to write the files to')
+  make_cmd.add_argument('--seed', type=int, default=0, help='of the drawn numbers')
   make_cmd.add_argument('--noise', type=float, default=0.3, help='fraction of wrong SFT answers')
   eval_cmd = sub.add_parser('eval', help='exact match of a run on held-out prompts (JSON)')
-  eval_cmd.add_argument('--workdir', required=True, nargs='+')
-  eval_cmd.add_argument('--data', required=True)
-  eval_cmd.add_argument('--split', default='test', choices=('validation', 'test'))
+  eval_cmd.add_argument('--workdir', required=True, nargs='+', help='runs to score')
+  eval_cmd.add_argument('--data', required=True, help='the directory `make` wrote')
+  eval_cmd.add_argument('--split', default='test', choices=('validation', 'test'),
+                        help='the held-out prompts to complete')
   args = parser.parse_args(argv)
   if args.command == 'make':
     make(args.out, args.seed, noise=args.noise)
+    print(f'wrote {args.out}: pretrain.txt, sft.jsonl, preference.jsonl, prompts.jsonl')
     return
   examples = heldout(args.data, args.split)
   for run in args.workdir:
