@@ -274,3 +274,15 @@ def test_a_prefix_of_a_flag_is_not_taken_for_it(capsys):
     sample.main(['--workdir', 'W', '--prompt', 'x', '--max_new_token', '5'])
   assert exited.value.code == 2
   assert 'unrecognized arguments: --max_new_token 5' in capsys.readouterr().err
+
+
+def test_a_run_that_fails_to_start_leaves_no_directory_and_one_line(tmp_path):
+  """It fails after its workdir was made (the tokenizer is built, then found too large)."""
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, '-m', 'lm.main', '--config', 'experiments/shakespeare_char.py:smoke',
+       '--workdir', str(workdir), '--config.model.vocab_size=10'], capture_output=True,
+      text=True, env=command_env(), cwd=epath.Path(__file__).parent.parent)
+  assert (result.returncode, result.stderr.strip().splitlines()) == (2, [
+      "error: config.model.vocab_size=10 is smaller than the 65 ids of the 'char' tokenizer"])
+  assert not workdir.exists()

@@ -190,3 +190,14 @@ def test_text_check_reads_in_chunks(tmp_path):
   path.write_bytes(head + b'text\xff\n')
   with pytest.raises(config_lib.ConfigError, match=f'bad byte at offset {len(head) + 4}'):
     sources.check_text_file(path, 'config.data.source')
+
+
+def test_the_first_use_of_the_shipped_corpus_says_so_in_one_line(tmp_path, capsys):
+  config = config_lib.get_base_config()
+  config.data.dir = str(tmp_path)
+  sources.documents(config.data)
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f'preparing tinyshakespeare.txt for its first use, in {tmp_path}'), lines
+  sources.documents(config.data)   # prepared: nothing to say
+  assert capsys.readouterr().out == ''

@@ -7,6 +7,7 @@ import codecs
 import contextlib
 import dataclasses
 import fcntl
+import io
 
 import grain
 import tensorflow_datasets as tfds
@@ -96,7 +97,12 @@ def documents(data_cfg) -> Corpus:
       builder = local_text.LocalText(config=builder_config, data_dir=str(directory),
                                      file_format='array_record')
       tfds.display_progress_bar(False)   # per-split bars of a local file: only noise
-      builder.download_and_prepare()
+      if not builder.is_prepared():
+        print(f'preparing {epath.Path(name).name} for its first use, in {builder.data_dir}',
+              flush=True)
+      # TFDS's own lines speak of a download and of unknown sizes: not this file's case
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare()
     sources = {split: builder.as_data_source(split) for split in local_text.SPLITS}
     key, corpus_name = 'text', builder_config.name
   elif kind == 'tfds':

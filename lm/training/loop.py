@@ -305,9 +305,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
   config = config_lib.with_architecture_of_init_from(config)
   config_lib.validate(config_lib.resolve(config, None), jax.device_count())  # before any I/O
   t = config.train
+  created = not run_dir.path.exists()
   ckpt = checkpoint.Checkpointer(run_dir.checkpoints, t.keep_checkpoints,
                                  t.async_checkpoints)
-  start = resume_or_start(config, workdir, ckpt)
+  try:
+    start = resume_or_start(config, workdir, ckpt)
+  except BaseException:
+    with contextlib.suppress(Exception):   # Orbax's threads, stopped before the exit
+      ckpt.close()
+    if created and is_main and not run_dir.steps():   # a failed start leaves nothing behind
+      run_dir.path.rmtree(missing_ok=True)
+    raise
   config, data, program, state = start.config, start.data, start.program, start.state
   # watched from here: preparing the data (a tokenizer trained in C++ may hold the GIL for
   # minutes) could silence a process's beats without it being lost
