@@ -360,6 +360,7 @@ class Transformer(nn.Module):
     x_BxLxD = self._layers(x_BxLxD, positions, segments, train)
     return self._head(embed, make_norm(cfg, 'norm_out')(x_BxLxD), scores)
 
+  @nn.nowrap   # a part of __call__: no name of its own in the traced ops
   def _embed(self, embed: nn.Embed, tokens_BxL, positions_BxL, train: bool):
     """Token embeddings (plus learned positions), with dropout."""
     cfg = self.cfg
@@ -372,6 +373,7 @@ class Transformer(nn.Module):
     x_BxLxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxLxD)
     return nn.with_logical_constraint(x_BxLxD, ('batch', 'length', 'act_embed'))
 
+  @nn.nowrap   # a part of __call__: no name of its own in the traced ops
   def _layers(self, x_BxLxD, positions, segments, train: bool):
     """The n_layers blocks, applied one of four ways: unrolled (scan_layers=False), scanned,
     as pipeline stages, or a circular pipeline's stages put back in logical order."""
@@ -401,6 +403,7 @@ class Transformer(nn.Module):
     return self._apply_stack(block, cfg.n_layers, in_order, x_BxLxD, (positions, segments),
                              self._dropout_rng(train), train)
 
+  @nn.nowrap   # a part of __call__: no name of its own in the traced ops
   def _head(self, embed: nn.Embed, x_BxLxD, scores: bool):
     """Float32 logits from the final hidden states (the embedding table, or its own head), and
     with `scores` the scalar head's."""
