@@ -299,41 +299,71 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
   In a run of several processes, each ends once another has been silent for `peer_timeout`
   seconds (`distributed.watch_peers`; 0: never)."""
   start_time = time.perf_counter()
-  run_dir = RunDir(workdir)
-  workdir = run_dir.path
-  is_main = jax.process_index() == 0
+  run_dir, is_main = RunDir(workdir), jax.process_index() == 0
   config = config_lib.with_architecture_of_init_from(config)
   config_lib.validate(config_lib.resolve(config, None), jax.device_count())  # before any I/O
-  t = config.train
-  created = not run_dir.path.exists()
-  ckpt = checkpoint.Checkpointer(run_dir.checkpoints, t.keep_checkpoints,
-                                 t.async_checkpoints)
-  try:
-    start = resume_or_start(config, workdir, ckpt)
-  except BaseException:
-    with contextlib.suppress(Exception):   # Orbax's threads, stopped before the exit
-      ckpt.close()
-    if created and is_main and not run_dir.steps():   # a failed start leaves nothing behind
-      run_dir.path.rmtree(missing_ok=True)
-    raise
-  config, data, program, state = start.config, start.data, start.program, start.state
+  created = not run_dir.path.exists()   # before the checkpointer makes it
+  ckpt = checkpoint.Checkpointer(run_dir.checkpoints, config.train.keep_checkpoints,
+                                 config.train.async_checkpoints)
+  start = _start(config, run_dir, ckpt, created)
   # watched from here: preparing the data (a tokenizer trained in C++ may hold the GIL for
   # minutes) could silence a process's beats without it being lost
   distributed.watch_peers(peer_timeout)
-  t, start_step = config.train, int(state.step)
+  config, data, program = start.config, start.data, start.program
+  t, start_step = config.train, int(start.state.step)
+  if start_step == t.steps and _finished(run_dir):
+    ckpt.close()
+    return _already_finished(run_dir, start_step)
   source = (rl.Rollouts if objective_traits.of(config).rollouts else TextBatches)(
       config, program, data)
-  if start_step == t.steps and _finished(run_dir):
-    return _already_finished(run_dir, start_step)
-  writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main, total_steps=t.steps,
-                                     started=start_time)
+  writer = metrics_lib.MetricsWriter(run_dir.path, start_step, enabled=is_main,
+                                     total_steps=t.steps, started=start_time)
   bar = tqdm.tqdm(total=t.steps, initial=start_step, disable=not is_main, desc='train',
                   dynamic_ncols=True, mininterval=1.0)
   try:   # closed on any error too: tensorboardX's exit handler fails at shutdown on 3.12
-    logger = Logger(config, program, writer, bar, start_step)
-    evaluate_on = functools.partial(_evaluate, source)
-    val, step = None, start_step
-    for step in range(start_step + 1, t.steps + 1):
+    state, val = _steps(start, source, ckpt, writer, bar)
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    test, seconds = _timed(_evaluate, source, state.params, 'test')
+    val = val or _evaluate(source, state.params, 'validation')
+    writer.write(t.steps, {**test, 'test_wall_s': seconds})
+  except BaseException as e:
+    bar.close()   # the error's line below the bar, not on it
+    with contextlib.suppress(Exception):   # a full disk fails the close too: report the first
+      writer.close()
+    if isinstance(e, KeyboardInterrupt):   # in the final evaluation
+      raise _interrupted(ckpt, t.steps) from None
+    raise
+  writer.close()
+  return _finish(config, program, state.params, data.tokenizer, {**val, **test}, run_dir,
+                 writer)
+
+
+def _start(config: ml_collections.ConfigDict, run_dir: RunDir, ckpt: checkpoint.Checkpointer,
+           created: bool) -> Start:
+  """`resume_or_start`; where that fails, Orbax's threads are stopped (they would print at
+  exit) and the run directory, if this command `created` it and it holds no checkpoint, is
+  removed."""
+  try:
+    return resume_or_start(config, run_dir.path, ckpt)
+  except BaseException:
+    with contextlib.suppress(Exception):
+      ckpt.close()
+    if created and jax.process_index() == 0 and not run_dir.steps():
+      run_dir.path.rmtree(missing_ok=True)
+    raise
+
+
+def _steps(start: Start, source, ckpt: checkpoint.Checkpointer,
+           writer: metrics_lib.MetricsWriter, bar: tqdm.tqdm) -> tuple[steps.TrainState, dict]:
+  """The steps from the start's state to config.train.steps, with evaluations and checkpoints
+  on their schedules: (the last state, the last validation metrics). Ctrl-C: Interrupted."""
+  config, program, state = start.config, start.program, start.state
+  t, first = config.train, int(start.state.step) + 1
+  logger, val, step = Logger(config, program, writer, bar, first - 1), None, first - 1
+  try:
+    for step in range(first, t.steps + 1):
       batch, host_metrics = source.next_batch(state, step)
       state, step_metrics = program.train_step(state, batch)
       logger.push(step, {**step_metrics, **host_metrics})
@@ -342,34 +372,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
       if evaluates or checkpoints:
         logger.flush()
       if evaluates:
-        val, seconds = _timed(evaluate_on, state.params, 'validation')
+        val, seconds = _timed(_evaluate, source, state.params, 'validation')
         writer.write(step, {**val, 'val_wall_s': seconds})
-        if is_main:
+        if jax.process_index() == 0:
           bar.write(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in val.items()))
       if checkpoints:
-        ckpt.save(step, state, data.train, start.record)
+        ckpt.save(step, state, start.data.train, start.record)
       bar.update()
     logger.flush()
-    bar.close()
+  except KeyboardInterrupt:
+    raise _interrupted(ckpt, step) from None
+  return state, val
+
+
+def _interrupted(ckpt: checkpoint.Checkpointer, step: int) -> Interrupted:
+  """What Ctrl-C at `step` says: the step, and the checkpoint a rerun resumes from (a save in
+  flight completes first: it is that one)."""
+  with contextlib.suppress(Exception):
     ckpt.wait()
-    ckpt.close()
-    test, seconds = _timed(evaluate_on, state.params, 'test')
-    val = val or evaluate_on(state.params, 'validation')
-    writer.write(t.steps, {**test, 'test_wall_s': seconds})
-  except BaseException as e:
-    bar.close()   # the error's line below the bar, not on it
-    with contextlib.suppress(Exception):   # a full disk fails the close too: report the first
-      writer.close()
-    if not isinstance(e, KeyboardInterrupt):
-      raise
-    with contextlib.suppress(Exception):   # a save in flight completes: it is the one to resume
-      ckpt.wait()
-    raise Interrupted(f'interrupted at step {step}, last checkpoint '
-                      f'{max(ckpt.manager.all_steps(), default="none")}: rerun the same command '
-                      'to resume') from None
-  writer.close()
-  return _finish(config, program, state.params, data.tokenizer, {**val, **test}, run_dir,
-                 writer)
+  saved = max(ckpt.manager.all_steps(), default='none')
+  return Interrupted(f'interrupted at step {step}, last checkpoint {saved}: rerun the same '
+                     'command to resume')
 
 
 def _finished(run_dir: RunDir) -> bool:
