@@ -161,6 +161,7 @@ def compare(base: str, config_flags: list[str], workdir: pathlib.Path, steps: in
   from lm.model import lora as peft_lib
   from lm.training import checkpoint, optim
   from lm.training import loop as train
+  from lm.training import start as start_lib
 
   experiment, *overrides = config_flags
   path, _, variant = experiment.partition(':')
@@ -177,7 +178,7 @@ def compare(base: str, config_flags: list[str], workdir: pathlib.Path, steps: in
   config.lora.update(rslora=rslora, train_also=train_also)
   config.optim.update(lr=lr, name='adam', weight_decay=0.0)
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', keep=1, async_save=False)
-  start = train.resume_or_start(config, workdir, ckpt)
+  start = start_lib.resume_or_start(config, workdir, ckpt)
   config, data, program, state = start.config, start.data, start.program, start.state
   initial = jax.device_get(state.params)
   if train_also:

@@ -45,6 +45,7 @@ from lm.model import pipeline
 from lm.planning import hlo
 from lm.training import loop as train
 from lm.training import metrics
+from lm.training import start as start_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
 _STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps (after one compile step and 10 warm-up).')
@@ -68,7 +69,7 @@ class Stepper:
 
   def __init__(self, config):
     config_lib.validate(config_lib.resolve(config, None), jax.device_count())
-    ready = train.setup(config, None)
+    ready = start_lib.setup(config, None)
     self.config, data, self.program = ready.config, ready.data, ready.program
     self.state = self.program.init(jax.random.PRNGKey(0))
     self.batches = [train.global_batch(self.program, next(data.train),

@@ -8,7 +8,7 @@ import jax
 from lm import config as config_lib
 from lm.config import ConfigError, objective_traits
 from lm.training import loop as train
-from lm.training import runs
+from lm.training import runs, start
 
 SPLITS = {'validation': 'val', 'test': 'test'}
 
@@ -39,7 +39,7 @@ def evaluate(workdir: str, splits=('validation', 'test'), source: str | None = N
     config.train.eval_batches = eval_batches
   # evaluated, not trained: a quantized run without adapters is fine
   config_lib.validate(config_lib.resolve(config, None), devices, training=False)
-  ready = train.setup(config, run.step_dir.parent.parent, training=False)
+  ready = start.setup(config, run.step_dir.parent.parent, training=False)
   config, data, program = ready.config, ready.data, ready.program
   params = jax.device_put({k: v for k, v in params.items() if k != 'score_head'},
                           program.state_sharding.params)

@@ -73,6 +73,7 @@ class Rollouts:
     self.settings = sample.Settings(rl.max_new_tokens, rl.temperature, rl.top_k, rl.top_p,
                                     eos_id=data.tokenizer.eos_id)
     self.stop = (rl.stop,) if rl.stop else ()
+    self.last = None   # the newest rollout's (batch, host metrics), reused between rollouts
     kind, _, target = rl.reward.partition(':')
     self.reward_fn = python_reward(target) if kind == 'python' else None
     if kind == 'model':
