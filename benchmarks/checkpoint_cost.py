@@ -11,7 +11,6 @@ write_checksums_s (CRC32C of every file, at save) and verify_s (checking them, a
 The restore reads what the save just wrote, mostly from the page cache: a cold read from a
 disk or a bucket is slower for both, and the checksums' share smaller.
 """
-import argparse
 import json
 import os
 import statistics
@@ -24,6 +23,8 @@ import numpy as np
 from etils import epath
 from orbax.checkpoint._src.path import atomicity_defaults
 
+from lm import cli
+from lm.config import arguments
 from lm.training import checkpoint, checksums
 
 D, V, T, LAYERS = 768, 50257, 1024, 12   # GPT-2 124M
@@ -78,12 +79,12 @@ def save_and_restore(directory: epath.Path, state: dict, with_checksums: bool) -
   return {'save_s': save_s, 'restore_s': restore_s, 'bytes': size, **timings}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--rounds', type=int, default=3)
+def main(argv: list[str]) -> None:
+  parser = arguments.parser('python benchmarks/checkpoint_cost.py', __doc__)
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='save-and-restore rounds, each with and without checksums')
   parser.add_argument('--dir', default=None, help='where to write (default: a temporary dir)')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   state = jax.device_put(gpt2_124m_state())
   rows = []
   for round_ in range(args.rounds):
@@ -103,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

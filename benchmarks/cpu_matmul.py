@@ -10,7 +10,6 @@ so that the ~60 us of dispatching a jitted call is not counted (a train step pay
 `--cpu_devices N` splits the tokens over N XLA:CPU devices as config.mesh.cpu_devices does.
 Needs torch (the `test` extra).
 """
-import argparse
 import json
 import time
 
@@ -20,6 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lm import cli
+from lm.config import arguments
 
 CHAIN = 20   # products per timed XLA call
 
@@ -56,17 +56,17 @@ def _xla_products(mesh):
   return [chained(*p) for p in products]
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def main(argv: list[str]) -> None:
+  parser = arguments.parser('python benchmarks/cpu_matmul.py', __doc__.split('\n')[0])
   parser.add_argument('--tokens', type=int, default=768, help='batch x context')
-  parser.add_argument('--d', type=int, default=128)
+  parser.add_argument('--d', type=int, default=128, help='the model width (d_model)')
   parser.add_argument('--cpu_devices', type=int, default=0,
                       help='XLA:CPU devices the tokens are split over (0: one)')
-  parser.add_argument('--repeats', type=int, default=20)
+  parser.add_argument('--repeats', type=int, default=20, help='timings per product (median)')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                       help='both sides multiply in it (bfloat16: PyTorch uses AMX where the '
                       'CPU has it)')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   cli.split_cpu(args.cpu_devices)
   import torch
   rng = np.random.default_rng(0)
@@ -92,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -12,7 +12,6 @@ and at the end rss_file_gb / rss_anon_gb: resident pages of mapped files (the to
 pages that windows touched: page cache the kernel may reclaim, shared by the processes of a
 machine) and the process's own memory.
 """
-import argparse
 import json
 import os
 import resource
@@ -20,7 +19,9 @@ import time
 
 from etils import epath
 
+from lm import cli
 from lm import config as config_lib
+from lm.config import arguments
 from lm.data import pipeline, sources
 
 
@@ -33,16 +34,19 @@ def make_corpus(path: epath.Path, megabytes: int) -> None:
       f.write(text)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--megabytes', type=int, default=300)
-  parser.add_argument('--tokenizer', default='byte', choices=config_lib.TOKENIZERS)
-  parser.add_argument('--packing', default='window', choices=config_lib.PACKINGS)
-  parser.add_argument('--seq_len', type=int, default=1024)
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--batches', type=int, default=3000)
-  parser.add_argument('--dir', default='/tmp/lm-data-bench')
-  args = parser.parse_args()
+def main(argv: list[str]) -> None:
+  parser = arguments.parser('python benchmarks/data.py', __doc__.split('\n')[0])
+  parser.add_argument('--megabytes', type=int, default=300, help='size of the text file read')
+  parser.add_argument('--tokenizer', default='byte', choices=config_lib.TOKENIZERS,
+                      help="as config.data.tokenizer")
+  parser.add_argument('--packing', default='window', choices=config_lib.PACKINGS,
+                      help='as config.data.packing')
+  parser.add_argument('--seq_len', type=int, default=1024, help='as config.data.seq_len')
+  parser.add_argument('--batch_size', type=int, default=32, help='as config.train.batch_size')
+  parser.add_argument('--batches', type=int, default=3000, help='batches timed')
+  parser.add_argument('--dir', default='/tmp/lm-data-bench',
+                      help='where the text and the prepared dataset are written')
+  args = parser.parse_args(argv)
   directory = epath.Path(args.dir)
   directory.mkdir(parents=True, exist_ok=True)
   corpus = directory / f'corpus-{args.megabytes}mb.txt'
@@ -79,4 +83,4 @@ def _resident() -> dict[str, float]:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -10,7 +10,6 @@ the "devices" live in host memory, so after reading, anonymous memory holds the 
 once (`params_mib` above what it held at the start) and file-backed memory the safetensors
 pages mapped while reading (page cache the kernel may reclaim).
 """
-import argparse
 import json
 import pathlib
 import shutil
@@ -21,6 +20,8 @@ import jax
 import numpy as np
 import safetensors.numpy
 
+from lm import cli
+from lm.config import arguments
 from lm.interop import hf
 
 FIXTURE = pathlib.Path(__file__).parent.parent / 'tests' / 'fixtures' / 'hf_tiny_llama'
@@ -54,14 +55,14 @@ def write_model(directory: pathlib.Path, d: int, layers: int, vocab: int, heads:
   return sum(t.nbytes for t in tensors.values())
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument('--d_model', type=int, default=1024)
-  parser.add_argument('--layers', type=int, default=8)
-  parser.add_argument('--vocab', type=int, default=32000)
-  parser.add_argument('--heads', type=int, default=8)
-  parser.add_argument('--kv_heads', type=int, default=2)
-  args = parser.parse_args()
+def main(argv: list[str]) -> None:
+  parser = arguments.parser('python benchmarks/hf_import.py', __doc__)
+  parser.add_argument('--d_model', type=int, default=1024, help="the written model's width")
+  parser.add_argument('--layers', type=int, default=8, help='its layers')
+  parser.add_argument('--vocab', type=int, default=32000, help='its vocabulary')
+  parser.add_argument('--heads', type=int, default=8, help='its attention heads')
+  parser.add_argument('--kv_heads', type=int, default=2, help='its key/value heads')
+  args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     (tmp / 'hf').mkdir()
@@ -79,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

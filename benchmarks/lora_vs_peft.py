@@ -20,7 +20,6 @@ shape: lm fuses k with v (`attn/kv`) and SwiGLU's gate with up (`mlp/wi`), and G
 q, k, v in `c_attn`; those are left out unless --targets says otherwise (they have no PEFT
 twin). Needs torch, transformers and peft (the `test` extra).
 """
-import argparse
 import importlib.util
 import json
 import pathlib
@@ -32,6 +31,8 @@ import sys
 import zlib
 
 import numpy as np
+
+from lm.config import arguments
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # lm's adapted module -> its twin in transformers (same input and output axes)
@@ -287,16 +288,17 @@ def _adapted(lora: dict) -> dict[str, dict]:
   return found
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--tasks', default='upper_from_copy,upper_from_pretrain,reverse')
-  parser.add_argument('--steps', type=int, default=400)
-  parser.add_argument('--rank', type=int, default=8)
-  parser.add_argument('--alpha', type=float, default=16.0)
-  parser.add_argument('--lr', type=float, default=1e-3)
+def main(argv: list[str]) -> None:
+  parser = arguments.parser('python benchmarks/lora_vs_peft.py', __doc__)
+  parser.add_argument('--tasks', default='upper_from_copy,upper_from_pretrain,reverse',
+                      help='the tasks compared, comma-separated')
+  parser.add_argument('--steps', type=int, default=400, help='adapter training steps')
+  parser.add_argument('--rank', type=int, default=8, help='the adapters\' rank')
+  parser.add_argument('--alpha', type=float, default=16.0, help='LoRA alpha (scale alpha / rank)')
+  parser.add_argument('--lr', type=float, default=1e-3, help='the adapters\' learning rate')
   parser.add_argument('--targets', help="lm's lora.targets (default: the modules with a twin)")
-  parser.add_argument('--out', default='runs/lora_vs_peft')
+  parser.add_argument('--out', default='runs/lora_vs_peft',
+                      help='where the base runs and the adapters are written')
   parser.add_argument('--peft', help='PEFT on its own instead of step for step: a JSON object '
                       'of LoraConfig options over target_modules="all-linear", e.g. '
                       '\'{"modules_to_save": ["lm_head"]}\'; lm then adapts --targets '
@@ -306,7 +308,7 @@ def main() -> None:
   parser.add_argument('--train_also', default='', help="lm's lora.train_also (e.g. 'head', "
                       "'embed|head'), PEFT's modules_to_save")
   parser.add_argument('--curves', action='store_true', help='print the whole curves too')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   out = (ROOT / args.out).resolve()
   tasks = args.tasks.split(',')
   peft_options = json.loads(args.peft) if args.peft else None
@@ -325,4 +327,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  main(sys.argv[1:])

@@ -19,30 +19,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
+from lm import cli
 from lm import config as config_lib
+from lm.config import arguments
 from lm.inference import sampler as sample
 from lm.model import transformer as model_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
-_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 256, 'Prompt tokens.')
-_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 200, 'Tokens generated after the prompt.')
-_BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together (cached decoding).')
 VOCAB = 256
 
 
-def main(argv) -> None:
-  del argv
-  config = config_lib.resolve(_CONFIG.value, VOCAB)
+def main(argv: list[str]) -> None:
+  parser = arguments.parser('python benchmarks/sample.py', __doc__)
+  arguments.add_config(parser)
+  parser.add_argument('--prompt_len', type=int, default=256, help='prompt tokens')
+  parser.add_argument('--new_tokens', type=int, default=200,
+                      help='tokens generated after the prompt')
+  parser.add_argument('--batch', type=int, default=1,
+                      help='prompts decoded together (cached decoding)')
+  args = arguments.parse(parser, argv)
+  config = config_lib.resolve(args.config, VOCAB)
   cfg = dataclasses.replace(model_lib.ModelConfig.from_config(config.model),
-                            max_len=_PROMPT_LEN.value + _NEW_TOKENS.value)
+                            max_len=args.prompt_len + args.new_tokens)
   model = model_lib.Transformer(cfg)
   variables = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-  prompts = [np.random.default_rng(i).integers(0, VOCAB, _PROMPT_LEN.value)
-             for i in range(_BATCH.value)]
-  settings = sample.Settings(_NEW_TOKENS.value, temperature=1.0)
+  prompts = [np.random.default_rng(i).integers(0, VOCAB, args.prompt_len)
+             for i in range(args.batch)]
+  settings = sample.Settings(args.new_tokens, temperature=1.0)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1),
                            ('data', 'fsdp', 'tensor', 'stage'))
   sampler = sample.Sampler(cfg, mesh, (), VOCAB)
@@ -62,7 +65,7 @@ def main(argv) -> None:
                                      settings, VOCAB, cfg.max_len)
   recompute(2)   # compile
   start = time.perf_counter()
-  recompute(_NEW_TOKENS.value)
+  recompute(args.new_tokens)
   recompute_s = time.perf_counter() - start
 
   own = model_lib.ModelConfig.from_config(config.model)
@@ -73,18 +76,17 @@ def main(argv) -> None:
   closing.extend(own_variables, np.array([1]), jax.random.PRNGKey(0), settings)
   past_context_s = time.perf_counter() - start
 
-  cached_rate = _BATCH.value * _NEW_TOKENS.value / cached_s
-  recompute_rate = _NEW_TOKENS.value / recompute_s   # one prompt at a time
+  cached_rate = args.batch * args.new_tokens / cached_s
+  recompute_rate = args.new_tokens / recompute_s   # one prompt at a time
   print(json.dumps({
-      'prompt_len': _PROMPT_LEN.value, 'new_tokens': _NEW_TOKENS.value, 'batch': _BATCH.value,
+      'prompt_len': args.prompt_len, 'new_tokens': args.new_tokens, 'batch': args.batch,
       'parameters': cfg.param_counts()['total'], 'device': jax.devices()[0].device_kind,
       'cached_compile_s': round(compile_s, 3), 'cached_tokens_per_s': round(cached_rate, 1),
       'recompute_tokens_per_s': round(recompute_rate, 1),
-      'speedup': round(cached_rate / recompute_rate / _BATCH.value, 2),
+      'speedup': round(cached_rate / recompute_rate / args.batch, 2),
       'past_context_s': round(past_context_s, 2),
       'past_context_programs': len(closing._jitted)}))
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

@@ -12,23 +12,25 @@ import json
 import sys
 
 import jax
-from absl import app
 from jax.experimental.layout import Layout
 
 from lm import cli
+from lm import plan as plan_command
+from lm.config import arguments
 from lm.config.checks import ConfigError
 from lm.parallel import tpus
 from lm.planning import plan
 
 
-def main(argv) -> None:
-  del argv
+def main(argv: list[str]) -> None:
+  # lm.plan's flags (--sweep unused)
+  args = arguments.parse(plan_command.command_line('python benchmarks/state_layouts.py'), argv)
   jax.config.update('jax_platforms', 'cpu')   # compiles for TPU, runs nothing
   try:   # bad input is one line, as lm.plan's
-    devices = tpus.parse(plan._TOPOLOGY.value).devices()   # lm.plan's flags
-    config = plan.resolved(cli.load_config(plan._CONFIG), len(devices))
+    devices = tpus.parse(args.topology).devices()
+    config = plan.resolved(args.config, len(devices))
   except ConfigError as e:
-    cli.fail(str(e))
+    arguments.fail(str(e))
   row = {}
   for name, layout in (('default', None), ('auto', Layout.AUTO)):
     print(f'compiling the twins, {name} layouts', file=sys.stderr, flush=True)
@@ -54,4 +56,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

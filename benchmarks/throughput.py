@@ -35,25 +35,16 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from lm import cli
 from lm import config as config_lib
-from lm.config import ConfigError, sweeps
+from lm.config import ConfigError, arguments, sweeps
 from lm.model import pipeline
 from lm.planning import hlo
 from lm.training import loop as train
 from lm.training import metrics
 from lm.training import start as start_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.')
-_STEPS = flags.DEFINE_integer('steps', 200, 'Timed steps (after one compile step and 10 warm-up).')
-_COMPARE = flags.DEFINE_multi_string('compare', [], 'KEY=V1,V2,...: time the step with each '
-                                     'value, in turns in this process.')
-_PROFILE = flags.DEFINE_integer('profile', 0, 'N > 0: also trace steps and list the N '
-                                'operations whose kernels took the most time.')
-_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 20, 'Steps traced for --profile.')
 WINDOW = 10   # steps per timed window
 
 
@@ -67,10 +58,11 @@ def _peak_memory_gb() -> float:
 class Stepper:
   """One config's compiled train step, its state and 16 batches, stepped a window at a time."""
 
-  def __init__(self, config):
+  def __init__(self, config, experiment: str):
     config_lib.validate(config_lib.resolve(config, None), jax.device_count())
     ready = start_lib.setup(config, None)
     self.config, data, self.program = ready.config, ready.data, ready.program
+    self.experiment = experiment
     self.state = self.program.init(jax.random.PRNGKey(0))
     self.batches = [train.global_batch(self.program, next(data.train),
                                        self.config.train.batch_size) for _ in range(16)]
@@ -91,18 +83,18 @@ class Stepper:
     jax.block_until_ready(m)
     return (time.perf_counter() - start) / steps
 
-  def profile(self, top: int) -> dict:
-    """`profile` of the module docstring: --profile_steps steps traced, their kernels' time by
+  def profile(self, top: int, steps: int) -> dict:
+    """`profile` of the module docstring: `steps` steps traced, their kernels' time by
     the JAX operation each came from (the step's HLO, compiled again as the run compiled it)."""
     text = self.program.lower_train_step(self.state, self.batches[0],
                                          self.program.frozen).compile().as_text()
     module = text.split(',', 1)[0].removeprefix('HloModule ')   # jit_train_step
     with tempfile.TemporaryDirectory() as trace:
       jax.profiler.start_trace(trace)
-      traced_s = self.window(_PROFILE_STEPS.value)
+      traced_s = self.window(steps)
       jax.profiler.stop_trace()
       kernel_ns = _kernel_ns(next(pathlib.Path(trace).rglob('*.xplane.pb')), module)
-    ms = {name: ns / 1e6 / _PROFILE_STEPS.value
+    ms = {name: ns / 1e6 / steps
           for name, ns in hlo.by_operation(text, kernel_ns).items()}
     return {'traced_step_ms': round(1e3 * traced_s, 2), 'kernel_ms': round(sum(ms.values()), 2),
             'operations': [[name, round(ms[name], 3)]
@@ -116,7 +108,7 @@ class Stepper:
                                 program.model_config.flops_per_token(config.data.seq_len),
                                 jax.devices())
     return {
-        'experiment': config_flags.get_config_filename(flags.FLAGS['config']),
+        'experiment': self.experiment,
         'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
         'compile_s': round(self.compile_s, 2), 'step_ms': round(result['step_ms'], 2),
         'tokens_per_s': round(result['tokens_per_s']), 'tflops': round(result['tflops'], 4),
@@ -142,25 +134,38 @@ def _kernel_ns(xplane: pathlib.Path, module: str) -> collections.Counter:
   return sum((planes[name] for name in devices or planes), collections.Counter())
 
 
-def main(argv) -> None:
-  del argv
+def _parser():
+  parser = arguments.parser('python benchmarks/throughput.py', __doc__)
+  arguments.add_config(parser, lock=False)
+  parser.add_argument('--steps', type=int, default=200,
+                      help='timed steps (after one compile step and 10 warm-up)')
+  parser.add_argument('--compare', action='append', default=[], metavar='KEY=V1,V2,...',
+                      help='time the step with each value, in turns in this process')
+  parser.add_argument('--profile', type=int, default=0, metavar='N', help='N > 0: also trace '
+                      'steps and list the N operations whose kernels took the most time')
+  parser.add_argument('--profile_steps', type=int, default=20, help='steps traced for --profile')
+  return parser
+
+
+def main(argv: list[str]) -> None:
+  args = arguments.parse(_parser(), argv)
   try:
-    points = sweeps.sweep_points(_COMPARE.value, '--compare')
+    points = sweeps.sweep_points(args.compare, '--compare')
     if any('mesh.cpu_devices' in point for point in points):
       raise ConfigError('--compare: mesh.cpu_devices sets the devices of the process; compare '
                         'it across runs of this command')
-    configs = [sweeps.apply(_CONFIG.value, point) for point in points]
+    configs = [sweeps.apply(args.config, point) for point in points]
   except ConfigError as e:
-    cli.fail(str(e))
-  cli.split_cpu(_CONFIG.value.mesh.cpu_devices)
-  steppers = [Stepper(config) for config in configs]
-  for _ in range(0, _STEPS.value, WINDOW):
+    arguments.fail(str(e))
+  cli.split_cpu(args.config.mesh.cpu_devices)
+  steppers = [Stepper(config, args.experiment) for config in configs]
+  for _ in range(0, args.steps, WINDOW):
     for stepper in steppers:
       stepper.times.append(stepper.window(WINDOW))
   for point, stepper in zip(points, steppers):
     row = stepper.row()
-    if _PROFILE.value > 0:
-      row['profile'] = stepper.profile(_PROFILE.value)
+    if args.profile > 0:
+      row['profile'] = stepper.profile(args.profile, args.profile_steps)
     if len(points) > 1:
       row['point'] = point
       row['vs_first'] = round(float(np.median(np.divide(stepper.times, steppers[0].times))), 3)
@@ -168,4 +173,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -24,13 +24,14 @@ Accountings:
                   use_tokamax_splash=true, whose kernel carries one as lm's (tokamax's) does
 `kernels_costed` in each line says, per side, whether the kernels lowered carried an estimate.
 """
-import argparse
 import importlib
 import json
 import os
 import pathlib
 import subprocess
 import sys
+
+from lm.config import arguments
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAXTEXT_VENV = ROOT / '.venv-maxtext'
@@ -145,20 +146,21 @@ def table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def main() -> None:
-  if len(sys.argv) > 1 and sys.argv[1] == '--plan_lm':   # one lm measurement (a subprocess)
-    args = sys.argv[2:]
+def main(argv: list[str]) -> None:
+  if argv and argv[0] == '--plan_lm':   # one lm measurement (a subprocess)
+    args = argv[1:]
     free = '--kernels_free' in args
     args = [a for a in args if a != '--kernels_free']
     print(json.dumps(plan_lm(args[0], args[1:], free)))
     return
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--models', default=','.join(MODELS))
-  parser.add_argument('--accountings', default=','.join(ACCOUNTINGS))
+  parser = arguments.parser('python benchmarks/vs_maxtext.py', __doc__.split('\n')[0])
+  parser.add_argument('--models', default=','.join(MODELS), help='the models compared')
+  parser.add_argument('--accountings', default=','.join(ACCOUNTINGS),
+                      help='how the kernels are counted')
   parser.add_argument('--maxtext_python', help='an interpreter that imports maxtext')
   parser.add_argument('--install', action='store_true',
                       help=f'create {MAXTEXT_VENV.name} with MaxText if none is found')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   for value, known, flag in ((args.models, MODELS, '--models'),
                              (args.accountings, ACCOUNTINGS, '--accountings')):
     unknown = set(value.split(',')) - set(known)
@@ -176,4 +178,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  main(sys.argv[1:])

@@ -22,6 +22,7 @@ lm_eval_s, the part of it lm spent evaluating (metrics.jsonl's val_wall_s and te
 --warm_cache lm_programs_compiled, the programs the timed run compiled instead of loading
 (0 when the cache held them all).
 """
+import argparse
 import json
 import os
 import shutil
@@ -31,24 +32,32 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
 from etils import epath
 
+from lm import cli
 from lm.analysis import compare
+from lm.config import arguments
 from lm.data import sources
 
 ROOT = epath.Path(__file__).parent.parent
-_PAIRS = flags.DEFINE_integer('pairs', 3, 'Pairs of runs, lm then the reference in each.')
-_STEPS = flags.DEFINE_integer('steps', None, 'Steps of each run (default: 300; --whole 2000).')
-_WHOLE = flags.DEFINE_bool('whole', False, 'Time the whole commands, not the steady step.')
-_WARM = flags.DEFINE_bool('warm_cache', False, "With --whole: lm's programs come from a "
-                          'compilation cache filled by an untimed first run (a rerun).')
-_REFERENCE = flags.DEFINE_string('reference', str(ROOT / 'benchmarks' / 'torch_reference.py'),
-                                 'The PyTorch reference script.')
-_CONFIG = flags.DEFINE_string('config', 'experiments/shakespeare_char.py',
-                              "lm's experiment (the recipe the reference trains).")
-_LM_FLAGS = flags.DEFINE_multi_string('lm_flag', [], "Flags of lm's commands (repeatable), "
-                                      'e.g. --lm_flag=--config.mesh.cpu_devices=1.')
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = arguments.parser('python benchmarks/vs_torch.py', __doc__)
+  parser.add_argument('--pairs', type=int, default=3,
+                      help='pairs of runs, lm then the reference in each')
+  parser.add_argument('--steps', type=int, help='steps of each run (default: 300; --whole 2000)')
+  parser.add_argument('--whole', action='store_true',
+                      help='time the whole commands, not the steady step')
+  parser.add_argument('--warm_cache', action='store_true', help="with --whole: lm's programs "
+                      'come from a compilation cache filled by an untimed first run (a rerun)')
+  parser.add_argument('--reference', default=str(ROOT / 'benchmarks' / 'torch_reference.py'),
+                      help='the PyTorch reference script')
+  parser.add_argument('--config', default='experiments/shakespeare_char.py',
+                      help="lm's experiment (the recipe the reference trains)")
+  parser.add_argument('--lm_flag', action='append', default=[], help="a flag of lm's commands "
+                      '(repeatable), e.g. --lm_flag=--config.mesh.cpu_devices=1')
+  return parser
 
 
 def _last_json(stdout: str, what: str) -> dict:
@@ -68,8 +77,8 @@ def _run(command: list[str], what: str, env=None) -> tuple[str, float]:
   return result.stdout, wall
 
 
-def _reference(steps: int) -> tuple[dict, float]:
-  stdout, wall = _run([sys.executable, _REFERENCE.value, '--data', str(sources.SHAKESPEARE),
+def _reference(args: argparse.Namespace, steps: int) -> tuple[dict, float]:
+  stdout, wall = _run([sys.executable, args.reference, '--data', str(sources.SHAKESPEARE),
                        '--iters', str(steps)], 'the reference')
   return _last_json(stdout, 'the reference'), wall
 
@@ -79,33 +88,34 @@ def _programs(cache: str) -> int:
   return sum(name.endswith('-cache') for name in os.listdir(cache))
 
 
-def _main(steps: int, workdir: str, cache: str) -> tuple[float, dict, int]:
+def _main(args: argparse.Namespace, steps: int, workdir: str,
+          cache: str) -> tuple[float, dict, int]:
   """(wall seconds, run, programs it added to the cache) of the main command with `cache` as
   its compilation cache; with --warm_cache every program is stored, whatever its compile
   time."""
   env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': cache}
-  if _WARM.value:
+  if args.warm_cache:
     env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   before = _programs(cache)
-  _, wall = _run([sys.executable, '-m', 'lm.main', '--config', _CONFIG.value, '--workdir',
-                  workdir, f'--config.train.steps={steps}', *_LM_FLAGS.value],
+  _, wall = _run([sys.executable, '-m', 'lm.main', '--config', args.config, '--workdir',
+                  workdir, f'--config.train.steps={steps}', *args.lm_flag],
                  'python -m lm.main', env=env)
   return wall, compare.load_run(epath.Path(workdir)), _programs(cache) - before
 
 
-def _pair(steps: int, cache: str | None) -> dict:
-  if not _WHOLE.value:
+def _pair(args: argparse.Namespace, steps: int, cache: str | None) -> dict:
+  if not args.whole:
     lm = _last_json(_run([sys.executable, str(ROOT / 'benchmarks' / 'throughput.py'), '--config',
-                          _CONFIG.value, '--steps', str(steps), *_LM_FLAGS.value],
+                          args.config, '--steps', str(steps), *args.lm_flag],
                          'benchmarks/throughput.py')[0], 'benchmarks/throughput.py')
-    torch = _reference(2 * steps)[0]
+    torch = _reference(args, 2 * steps)[0]
     return {'lm_ms': lm['step_ms'], 'torch_ms': torch['ms_per_iter'],
             'step_ratio': round(lm['step_ms'] / torch['ms_per_iter'], 3)}
   with tempfile.TemporaryDirectory() as workdir, tempfile.TemporaryDirectory() as empty:
-    lm_s, run, compiled = _main(steps, workdir, cache or empty)
+    lm_s, run, compiled = _main(args, steps, workdir, cache or empty)
     compiled = {'lm_programs_compiled': compiled} if cache else {}
   lm_ms = round(1e3 * run['tokens_per_step'] / run['tokens_per_s'], 2)   # at the median step
-  torch, torch_s = _reference(steps)
+  torch, torch_s = _reference(args, steps)
   return {**compiled, 'lm_ms': lm_ms, 'torch_ms': torch['ms_per_iter'],
           'step_ratio': round(lm_ms / torch['ms_per_iter'], 3),
           'lm_s': round(lm_s, 2), 'torch_s': round(torch_s, 2),
@@ -116,22 +126,20 @@ def _pair(steps: int, cache: str | None) -> dict:
           'lm_val_loss': round(run['final_val_loss'], 4), 'torch_val_loss': torch['val_loss']}
 
 
-def main(argv) -> None:
-  del argv
-  if not os.path.exists(_REFERENCE.value):
-    print(f'error: --reference: no such file: {_REFERENCE.value}', file=sys.stderr)
-    sys.exit(2)
-  if _WARM.value and not _WHOLE.value:
-    print('error: --warm_cache times the whole commands: add --whole', file=sys.stderr)
-    sys.exit(2)
-  steps = _STEPS.value or (2000 if _WHOLE.value else 300)
-  cache = tempfile.mkdtemp(prefix='vs_torch_cache_') if _WHOLE.value and _WARM.value else None
+def main(argv: list[str]) -> None:
+  args = _parser().parse_args(argv)
+  if not os.path.exists(args.reference):
+    arguments.fail(f'--reference: no such file: {args.reference}')
+  if args.warm_cache and not args.whole:
+    arguments.fail('--warm_cache times the whole commands: add --whole')
+  steps = args.steps or (2000 if args.whole else 300)
+  cache = tempfile.mkdtemp(prefix='vs_torch_cache_') if args.whole and args.warm_cache else None
   if cache:   # the untimed first run, which fills the cache
     with tempfile.TemporaryDirectory() as workdir:
-      _main(steps, workdir, cache)
+      _main(args, steps, workdir, cache)
   pairs = []
-  for i in range(_PAIRS.value):
-    pairs.append(_pair(steps, cache))
+  for i in range(args.pairs):
+    pairs.append(_pair(args, steps, cache))
     print(json.dumps({'pair': i + 1, 'steps': steps, **pairs[-1]}), flush=True)
   if cache:
     shutil.rmtree(cache)
@@ -141,4 +149,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

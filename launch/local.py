@@ -6,12 +6,13 @@ Process 0 is the coordinator (on 127.0.0.1) and prints to the terminal; host i >
 to DIR/logs/host_i.log. Every host gets --devices_per_host CPU devices. If any host fails,
 the others are stopped and the exit code is the failed host's.
 """
-import argparse
 import os
 import socket
 import subprocess
 import sys
 import time
+
+from lm.config import arguments
 
 
 def _free_port() -> int:
@@ -56,13 +57,13 @@ def run(hosts: int, devices_per_host: int, workdir: str, passed: list[str]) -> i
   return failed[0] if failed else 0
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                   epilog='Other arguments (--config ...) go to every host.')
+def main(argv: list[str] | None = None) -> None:
+  parser = arguments.parser('python -m launch.local', __doc__.split('\n')[0])
+  parser.epilog = 'Other arguments (--config ...) go to every host.'
   parser.add_argument('--hosts', type=int, default=2, help='number of processes (fake hosts)')
   parser.add_argument('--devices_per_host', type=int, default=1, help='CPU devices per process')
   parser.add_argument('--workdir', required=True, help='run directory, shared by all hosts')
-  args, passed = parser.parse_known_args()
+  args, passed = parser.parse_known_args(argv)
   if args.hosts < 1 or args.devices_per_host < 1:
     parser.error('--hosts and --devices_per_host must be at least 1')
   sys.exit(run(args.hosts, args.devices_per_host, args.workdir, passed))

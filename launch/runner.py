@@ -10,7 +10,6 @@ DIR/slices/NAME.json, and the other workers run the same command beside it (the 
 multi-host run). A point's output goes to its workdir's log.txt (copied there at every
 heartbeat when the workdir is on GCS). Exit status 0 once the queue has nothing left to take.
 """
-import argparse
 import ctypes
 import os
 import signal
@@ -23,6 +22,7 @@ import urllib.request
 import fsspec
 
 from launch import queue as queue_lib
+from lm.config import arguments
 
 LOG_TAIL_LINES = 40
 METADATA = ('http://metadata.google.internal/computeMetadata/v1/instance/attributes/'
@@ -129,15 +129,17 @@ def worker_number(value: str) -> int:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m launch.runner',
-                                   description=__doc__.split('\n')[0])
-  parser.add_argument('--sweep_dir', required=True)
+  parser = arguments.parser('python -m launch.runner', __doc__.split('\n')[0])
+  parser.add_argument('--sweep_dir', required=True, help='the sweep (its queue/ and points)')
   parser.add_argument('--slice', required=True, help='this runner\'s name (its slice)')
   parser.add_argument('--worker', default='0', help="this host's number in the slice, or auto")
   parser.add_argument('--workers', type=int, default=1, help='hosts in the slice')
-  parser.add_argument('--max_failures', type=int, default=3)
-  parser.add_argument('--heartbeat_s', type=float, default=30.0)
-  parser.add_argument('--heartbeat_timeout_s', type=float, default=600.0)
+  parser.add_argument('--max_failures', type=int, default=3,
+                      help='failed attempts before a point is marked failed')
+  parser.add_argument('--heartbeat_s', type=float, default=30.0,
+                      help="seconds between this runner's heartbeats")
+  parser.add_argument('--heartbeat_timeout_s', type=float, default=600.0,
+                      help='a point whose runner is silent this long is taken by another')
   args = parser.parse_args(argv)
   queue = queue_lib.Queue(args.sweep_dir, args.heartbeat_timeout_s, args.max_failures)
   fs, root = fsspec.core.url_to_fs(args.sweep_dir)

@@ -13,7 +13,6 @@ this command watches them: a runner that dies is started again and its point res
 TPU, K slices do (launch/tpu.py); `--watch` stays to recreate preempted slices and deletes
 them all when the sweep is finished.
 """
-import argparse
 import difflib
 import importlib.util
 import json
@@ -31,7 +30,7 @@ from etils import epath
 
 from launch import provenance, skypilot, tpu
 from launch import queue as queue_lib
-from lm.config import ConfigError, sweeps
+from lm.config import ConfigError, arguments, sweeps
 
 WHERE = ('local', 'tpu', 'skypilot')
 
@@ -305,9 +304,7 @@ def _do(command: list[str], dry_run: bool) -> None:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m launch.sweep',
-                                   description=__doc__.split('\n')[0], allow_abbrev=False,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = arguments.parser('python -m launch.sweep', __doc__.split('\n')[0])
   parser.add_argument('--config', help='experiments/X.py[:variant]')
   parser.add_argument('--sweep_dir', required=True, help='one directory for all points')
   parser.add_argument('--where', default='local', help=f'one of {WHERE}')

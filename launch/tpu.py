@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   group = parser.add_argument_group('tpu (--where tpu or skypilot)')
   group.add_argument('--name', default='lm-sweep', help='slice name prefix')
   group.add_argument('--slices', type=int, default=1, help='slices working through the queue')
-  group.add_argument('--zone', default='us-central2-b')
-  group.add_argument('--project', default='')
+  group.add_argument('--zone', default='us-central2-b', help='Google Cloud zone of the slices')
+  group.add_argument('--project', default='',
+                     help="Google Cloud project (default: gcloud's configured one)")
   group.add_argument('--accelerator', default='v4-8', help='e.g. v5e-8, v5p-64, v6e-16')
   group.add_argument('--runtime', default='', help='TPU software version (default: by type)')
   group.add_argument('--direct', action='store_true',

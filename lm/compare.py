@@ -9,10 +9,11 @@ from etils import epath
 
 from lm import cli
 from lm.analysis import compare
+from lm.config import arguments
 
 
 def main(argv=None) -> None:
-  parser = cli.parser('python -m lm.compare', compare.__doc__.split('\n')[0])
+  parser = arguments.parser('python -m lm.compare', compare.__doc__.split('\n')[0])
   parser.add_argument('runs', nargs='+', help='run directories, or a sweep directory')
   parser.add_argument('--csv', help='write the table as CSV here')
   parser.add_argument('--markdown', help='write the table as Markdown here')

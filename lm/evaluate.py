@@ -9,11 +9,12 @@ responses of their JSONL (`sft`); runs trained on preference or prompt data need
 import json
 
 from lm import cli
+from lm.config import arguments
 from lm.tools import evaluation
 
 
 def main(argv: list[str]) -> None:
-  parser = cli.parser('python -m lm.evaluate', __doc__)
+  parser = arguments.parser('python -m lm.evaluate', __doc__)
   parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
   parser.add_argument('--split', choices=tuple(evaluation.SPLITS), help='one split (default: both)')
   parser.add_argument('--source', help='evaluate on this corpus (config.data.source) instead')

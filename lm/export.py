@@ -4,11 +4,12 @@ adapters merged into the base kernels, for `lm.sample`, evaluation and
 config.train.init_from."""
 
 from lm import cli
+from lm.config import arguments
 from lm.tools import export
 
 
 def main(argv: list[str]) -> None:
-  parser = cli.parser('python -m lm.export', __doc__)
+  parser = arguments.parser('python -m lm.export', __doc__)
   parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
   parser.add_argument('--out', required=True, help='the new run directory')
   parser.add_argument('--merge_lora', action='store_true',

@@ -8,7 +8,7 @@ import json
 import re
 
 from lm import cli
-from lm.config import ConfigError
+from lm.config import ConfigError, arguments
 from lm.interop import hf
 
 
@@ -20,7 +20,7 @@ def _size(text: str) -> int:
 
 
 def main(argv: list[str]) -> None:
-  parser = cli.parser('python -m lm.hf', hf.__doc__)
+  parser = arguments.parser('python -m lm.hf', hf.__doc__)
   commands = parser.add_subparsers(dest='command', required=True)
   imp = commands.add_parser('import', help='a Hugging Face model directory -> a run directory')
   imp.add_argument('--from', dest='hf_dir', required=True, help='Hugging Face model directory')

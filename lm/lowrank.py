@@ -10,11 +10,12 @@ The new run is evaluated and sampled like any run, and fine-tuned with
 import json
 
 from lm import cli
+from lm.config import arguments
 from lm.tools import lowrank
 
 
 def main(argv: list[str]) -> None:
-  parser = cli.parser('python -m lm.lowrank', __doc__)
+  parser = arguments.parser('python -m lm.lowrank', __doc__)
   parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
   parser.add_argument('--rank', type=int, help='the rank of every factored kernel')
   parser.add_argument('--energy', type=float, help='or: the share of sum(S^2) to keep')

@@ -3,50 +3,53 @@ trains (or resumes) one run; `--show_config` prints its resolved config instead.
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from lm import cli
 from lm import config as config_lib
+from lm.config import arguments
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file with get_config().',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (resumes if it has checkpoints).')
-_COORDINATOR = flags.DEFINE_string('coordinator', None, 'host:port of process 0, for a run of '
-                                   'several processes (auto-detected on Cloud TPU).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
-_PEER_TIMEOUT = flags.DEFINE_float(
-    'peer_timeout', 30.0, 'In a run of several processes: seconds without a heartbeat from '
-    'another process after which every process ends (exit code 4), naming the lost one; 0: '
-    'never (JAX then aborts after its own 100 s).')
-_SHOW_CONFIG = flags.DEFINE_bool(
-    'show_config', False, 'Print the resolved config, every key with its value and meaning, '
-    'and exit (no --workdir needed).')
-flags.mark_flags_as_required(['config'])
-flags.register_multi_flags_validator(
-    ['workdir', 'show_config'], lambda f: bool(f['workdir']) or f['show_config'],
-    message='--workdir is required (the run directory; it resumes if it holds checkpoints)')
 STORAGE_EXIT = 3   # the workdir's storage refused a write (full, read-only, gone): see README
 INTERRUPTED_EXIT = 130   # Ctrl-C, as shells report SIGINT (128 + 2)
 
 
-def main(argv) -> None:
-  del argv
+def _parser():
+  parser = arguments.parser('python -m lm.main', __doc__)
+  arguments.add_config(parser)
+  parser.add_argument('--workdir', help='run directory (resumes if it has checkpoints); '
+                      'required unless --show_config')
+  parser.add_argument('--show_config', action='store_true', help='print the resolved config, '
+                      'every key with its value and meaning, and exit')
+  hosts = parser.add_argument_group('several processes', 'a run over several hosts (Cloud TPU '
+                                    'slices find these themselves)')
+  hosts.add_argument('--coordinator', help='host:port of process 0')
+  hosts.add_argument('--num_processes', type=int, help='processes in the run')
+  hosts.add_argument('--process_id', type=int, help='this process, 0 .. num_processes - 1')
+  hosts.add_argument('--peer_timeout', type=float, default=30.0,
+                     help='seconds without a heartbeat from another process after which every '
+                     'process ends (exit code 4), naming the lost one; 0: never (JAX then '
+                     'aborts after its own 100 s)')
+  return parser
+
+
+def main(argv: list[str]) -> None:
+  parser = _parser()
+  args = arguments.parse(parser, argv)
+  if not (args.workdir or args.show_config):
+    arguments.fail('--workdir is required (the run directory; it resumes if it holds checkpoints)')
   logging.set_verbosity(logging.WARNING)
-  cli.skip_absent_tpu()
   cli.use_compilation_cache()
-  from lm.parallel import distributed  # after flag parsing: --help does not import JAX
+  from lm.parallel import distributed  # after the flags: a mistake does not wait for JAX
   from lm.training import loop as train
+  config = args.config
   try:
-    config = cli.load_config(_CONFIG)
-    if _SHOW_CONFIG.value:
+    if args.show_config:
       from lm.config import reference
       print(reference.annotated(config_lib.resolve(config, None)))
       return
     cli.split_cpu(config.mesh.cpu_devices)
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    train.train(config, _WORKDIR.value, _PEER_TIMEOUT.value)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    train.train(config, args.workdir, args.peer_timeout)
     distributed.done()
   except (config_lib.ConfigError, train.NonFiniteError) as e:
     print(f'error: {e}', file=sys.stderr)
@@ -61,13 +64,13 @@ def main(argv) -> None:
   except Exception as e:  # noqa: BLE001 - a refused write is one line, anything else raises
     # a collective that failed because a peer died (gloo's connection reset): the watch
     # names the lost process and ends this one within the timeout
-    distributed.await_lost_peer(e, _PEER_TIMEOUT.value)
+    distributed.await_lost_peer(e, args.peer_timeout)
     from lm.training import checkpoint
-    problem = checkpoint.storage_problem(e, str(config_lib.RunDir(_WORKDIR.value).path))
+    problem = checkpoint.storage_problem(e, str(config_lib.RunDir(args.workdir).path))
     if isinstance(e, checkpoint.StorageError):
       message = str(e)
     elif problem:
-      message = (f'writing to {_WORKDIR.value} failed: {problem} ({type(e).__name__}: '
+      message = (f'writing to {args.workdir} failed: {problem} ({type(e).__name__}: '
                  f'{str(e).splitlines()[0]}); rerun the same command once it is writable: the '
                  'run resumes from its newest checkpoint')
     else:
@@ -79,4 +82,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

@@ -1,52 +1,57 @@
 """Plan a run for a Cloud TPU slice without one (`lm.planning.plan` says how):
 
     python -m lm.plan --config experiments/X.py --topology v5p-64 [--config.a.b=v ...]
-        [--sweep model.remat=none,full ...] [--nounroll] [--breakdown 20]
+        [--sweep model.remat=none,full ...] [--no_unroll] [--breakdown 20]
 
 Prints one JSON line per planned config, then a table."""
+import argparse
 import json
 import sys
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
 
 from lm import cli
-from lm.config import ConfigError, sweeps
+from lm.config import ConfigError, arguments, sweeps
 from lm.parallel import tpus
 from lm.planning import plan
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file with get_config().',
-                                          lock_config=False)
-_TOPOLOGY = flags.DEFINE_string('topology', None, 'Cloud TPU slice: v4-32, v5e-16, v5p-64, ...')
-_SWEEP = flags.DEFINE_multi_string('sweep', [], 'KEY=V1,V2,...: plan each value (several '
-                                   'flags: every combination).')
-_UNROLL = flags.DEFINE_bool('unroll', True, 'FLOPs and step time from loop-free twins of the '
-                            'program (XLA counts a loop body once).')
-_BREAKDOWN = flags.DEFINE_integer('breakdown', 0, 'N > 0: also where the estimated step goes, '
-                                  'the N largest operations per layer and of the rest.')
-flags.mark_flags_as_required(['config', 'topology'])
+
+def command_line(prog: str = 'python -m lm.plan') -> argparse.ArgumentParser:
+  """lm.plan's flags (benchmarks/state_layouts.py takes them too)."""
+  parser = arguments.parser(prog, __doc__)
+  arguments.add_config(parser, lock=False)
+  parser.add_argument('--topology', required=True,
+                      help='Cloud TPU slice: v4-32, v5e-16, v5p-64, ... or GENERATION:AxBxC')
+  parser.add_argument('--sweep', action='append', default=[], metavar='KEY=V1,V2,...',
+                      help='plan each value (several flags: every combination)')
+  parser.add_argument('--no_unroll', '--nounroll', dest='unroll', action='store_false',
+                      help='FLOPs and step time from the program as compiled, not from its '
+                      'loop-free twins (XLA counts a loop body once)')
+  parser.add_argument('--breakdown', type=int, default=0, metavar='N',
+                      help='N > 0: also where the estimated step goes, the N largest '
+                      'operations per layer and of the rest')
+  return parser
 
 
-def main(argv) -> None:
-  del argv
+def main(argv: list[str]) -> None:
+  args = arguments.parse(command_line(), argv)
   jax.config.update('jax_platforms', 'cpu')   # compiles for TPU, runs nothing: never take one
   try:
-    topology = tpus.parse(_TOPOLOGY.value)
-    points = sweeps.sweep_points(_SWEEP.value)
+    topology = tpus.parse(args.topology)
+    points = sweeps.sweep_points(args.sweep)
     rows = []
     for i, point in enumerate(points):
       print(f'planning {i + 1}/{len(points)} {sweeps.run_name(point)} on {topology.name} '
             f'({topology.chips} chips): compiling (minutes for billions of parameters)',
             file=sys.stderr, flush=True)
-      config = sweeps.apply(cli.load_config(_CONFIG), point)
-      row = {**point, **plan.plan(config, topology, _UNROLL.value, _BREAKDOWN.value)}
+      config = sweeps.apply(args.config, point)
+      row = {**point, **plan.plan(config, topology, args.unroll, args.breakdown)}
       print(json.dumps(row), flush=True)
       rows.append(row)
   except ConfigError as e:
-    cli.fail(str(e))
+    arguments.fail(str(e))
   print(plan.table(rows, list(points[0])))
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

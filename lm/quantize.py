@@ -9,11 +9,12 @@ import json
 
 from lm import cli
 from lm.compress import quant
+from lm.config import arguments
 from lm.tools import quantize
 
 
 def main(argv: list[str]) -> None:
-  parser = cli.parser('python -m lm.quantize', __doc__)
+  parser = arguments.parser('python -m lm.quantize', __doc__)
   parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
   parser.add_argument('--scheme', required=True, help=', '.join(quant.SCHEMES))
   parser.add_argument('--group_size', type=int, help='inputs per scale (default: int8 per '

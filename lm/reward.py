@@ -2,12 +2,13 @@
 model's score of each line's {"prompt", "response"} (the response may be absent, or named
 "completion" as `lm.sample --out` writes it), one number per line, in order."""
 from lm import cli
+from lm.config import arguments
 from lm.tools import rewards
 from lm.training import runs
 
 
 def main(argv: list[str]) -> None:
-  parser = cli.parser('python -m lm.reward', __doc__)
+  parser = arguments.parser('python -m lm.reward', __doc__)
   parser.add_argument('--workdir', required=True, help='a reward-model run (objective reward)')
   parser.add_argument('--prompts_file', required=True,
                       help='JSONL with "prompt" and "response" (or "completion") per line')

@@ -6,7 +6,7 @@ import json
 import jax
 
 from lm import cli
-from lm.config import ConfigError
+from lm.config import ConfigError, arguments
 from lm.data import examples
 from lm.inference import sampler
 from lm.training import runs
@@ -14,8 +14,8 @@ from lm.training import runs
 
 def main(argv: list[str]) -> None:
   """python -m lm.sample --workdir RUN (--prompt TEXT | --prompts_file F.jsonl) ..."""
-  parser = cli.parser('python -m lm.sample', 'Completions from a run (pretrained, SFT, RL, LoRA, '
-                      'exported or imported).')
+  parser = arguments.parser('python -m lm.sample', 'Completions from a run (pretrained, SFT, '
+                            'RL, LoRA, exported or imported).')
   parser.add_argument('--workdir', required=True, help='run directory or RUN/checkpoints/STEP')
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--prompt', help='one prompt')

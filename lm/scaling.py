@@ -9,11 +9,11 @@ import sys
 
 from lm import cli
 from lm.analysis import scaling
-from lm.config import ConfigError
+from lm.config import ConfigError, arguments
 
 
 def main(argv=None) -> None:
-  parser = cli.parser('python -m lm.scaling', scaling.__doc__.split('\n')[0])
+  parser = arguments.parser('python -m lm.scaling', scaling.__doc__.split('\n')[0])
   sub = parser.add_subparsers(dest='command', required=True)
   f = sub.add_parser('fit', help='fit a table of runs; prints JSON')
   f.add_argument('table', help='a CSV of runs, e.g. written by python -m lm.compare --csv')

@@ -1,5 +1,6 @@
 """Bad input gives one clear line naming the field or file, before anything compiles."""
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from lm import config as config_lib
 from lm.config import reference
 from lm.data import pipeline, sources
 from tests.conftest import command_env, tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _validate(config, devices=8):
@@ -114,7 +117,12 @@ def test_main_prints_one_line_and_exits_2(tmp_path):
      'error: --config=experiments/gpt2_124m_lm1b.py:smoke: experiments/gpt2_124m_lm1b.py has no '
      'variants (give the file alone)'),
     (['--config', 'experiments/shakespeare_char.py', '--workdri', 'W'],
-     "error: Unknown command line flag 'workdri'. Did you mean: workdir ?"),
+     'error: unrecognized arguments: --workdri W; did you mean --workdir? (python -m lm.main '
+     '--help lists the flags)'),
+    (['--workdir', 'W'], 'error: the following arguments are required: --config (python -m '
+     'lm.main --help lists the flags)'),
+    (['--config', 'experiments/shakespeare_char.py', '--workdir', 'W', 'W2'],
+     'error: unrecognized arguments: W2 (python -m lm.main --help lists the flags)'),
     (['--config', 'experiments/shakespeare_char.py'],
      'error: --workdir is required (the run directory; it resumes if it holds checkpoints)'),
     (['--config', 'experiments/shakespeare_char.py', '--workdir', 'W', '--config.train.steps=abc'],
@@ -246,19 +254,36 @@ def test_commands_skip_libtpu_where_the_machine_has_no_accelerator(monkeypatch, 
   assert os.environ['JAX_PLATFORMS'] == 'tpu'
 
 
-ARGPARSE_COMMANDS = [('sample', []), ('evaluate', []), ('reward', []), ('export', []),
-                     ('quantize', []), ('lowrank', []), ('compare', []), ('scaling', ['fit']),
-                     ('scaling', ['plan']), ('hf', ['import']), ('hf', ['export'])]
+COMMANDS = [('lm.main', []), ('lm.plan', []), ('lm.sample', []), ('lm.evaluate', []),
+            ('lm.reward', []), ('lm.export', []), ('lm.quantize', []), ('lm.lowrank', []),
+            ('lm.compare', []), ('lm.scaling', ['fit']), ('lm.scaling', ['plan']),
+            ('lm.hf', ['import']), ('lm.hf', ['export']), ('lm.tasks.reverse', ['make']),
+            ('lm.tasks.reverse', ['eval']), ('launch.sweep', []), ('launch.runner', []),
+            ('launch.local', []),
+            *((f'benchmarks/{path.name}', []) for path in sorted(
+                (ROOT / 'benchmarks').glob('*.py')) if path.stem not in (
+                    'torch_reference',   # PyTorch's side, which needs nothing of lm
+                    'maxtext_compile'))]   # a library of vs_maxtext, no command
 
 
-@pytest.mark.parametrize('command, sub', ARGPARSE_COMMANDS,
-                         ids=[' '.join([c, *s]) for c, s in ARGPARSE_COMMANDS])
-def test_every_flag_of_a_command_has_help(command, sub, capsys):
-  """One style (lm.cli.parser): each flag's help line says what it is (and its default)."""
+def _command(name: str):
+  """The module of a command: lm.x, launch.x, or a script in benchmarks/."""
   import importlib
-  module = importlib.import_module(f'lm.{command}')
+  import importlib.util
+  if not name.endswith('.py'):
+    return importlib.import_module(name)
+  spec = importlib.util.spec_from_file_location(pathlib.Path(name).stem, ROOT / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('command, sub', COMMANDS, ids=[' '.join([c, *s]) for c, s in COMMANDS])
+def test_every_flag_of_a_command_has_help(command, sub, capsys):
+  """One style (lm.config.arguments.parser) in every command: --help exits 0 and each flag's
+  help line says what it is (and its default)."""
   with pytest.raises(SystemExit) as exited:
-    module.main([*sub, '--help'])
+    _command(command).main([*sub, '--help'])
   assert exited.value.code == 0
   lines = capsys.readouterr().out.splitlines()
   options = lines[next(i for i, line in enumerate(lines) if line.startswith('options')) + 1:]
@@ -266,6 +291,18 @@ def test_every_flag_of_a_command_has_help(command, sub, capsys):
           if re.match(r'^  -', line) and '  ' not in line.strip()
           and not (i + 1 < len(options) and re.match(r'^ {10,}\S', options[i + 1]))]
   assert not bare, bare
+  assert sum(re.match(r'^  -', line) is not None for line in options) >= 2   # flags were read
+
+
+@pytest.mark.parametrize('command, sub', COMMANDS, ids=[' '.join([c, *s]) for c, s in COMMANDS])
+def test_a_mistyped_flag_is_one_line_naming_the_closest(command, sub, capsys):
+  with pytest.raises(SystemExit) as exited:
+    _command(command).main([*sub, '--hepl'])
+  assert exited.value.code == 2
+  error, = capsys.readouterr().err.splitlines()
+  # a mistyped flag is named, also where a required flag is missing (it may be the one mistyped)
+  assert re.fullmatch(r'error: unrecognized arguments: --hepl; did you mean --help\? '
+                      r'\(.* --help lists the flags\)', error), error
 
 
 def test_a_prefix_of_a_flag_is_not_taken_for_it(capsys):

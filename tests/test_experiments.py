@@ -52,11 +52,9 @@ def test_an_experiment_importing_a_sibling_loads_from_a_script_anywhere(tmp_path
   script's folder, not the repository) reads the 8B experiment, which imports the 1B one."""
   root = epath.Path(__file__).parent.parent
   script = tmp_path / 'script.py'
-  script.write_text('from absl import app\nfrom ml_collections import config_flags\n'
-                    'from lm import cli\n'
-                    "CONFIG = config_flags.DEFINE_config_file('config')\n"
-                    'app.run(lambda _: print(CONFIG.value.model.n_layers), '
-                    'flags_parser=cli.parse_flags)\n')
+  script.write_text('import sys\nfrom lm.config import arguments\n'
+                    "parser = arguments.parser('script', None)\narguments.add_config(parser)\n"
+                    'print(arguments.parse(parser, sys.argv[1:]).config.model.n_layers)\n')
   result = subprocess.run([sys.executable, str(script), '--config',
                            str(root / 'experiments/llama3_8b_lm1b.py')],
                           capture_output=True, text=True, cwd=tmp_path)

@@ -25,13 +25,12 @@ small_run = test_train.small_run   # the fixture: a finished SMALL run (checkpoi
 # lm.main with patches, for the faults a test cannot cause from outside: PATCH runs first
 PATCHED_MAIN = '''
 import os, shutil, signal, sys
-from absl import app
 from lm import cli, main
 from lm.training import checkpoint, checksums
 from lm.parallel import distributed
 from lm.training import loop as train
 exec(sys.argv.pop(1))
-app.run(main.main, flags_parser=cli.parse_flags)
+cli.run(main.main)
 '''
 
 

@@ -212,7 +212,7 @@ def test_sweep_values_parse_as_literals_or_strings():
 
 def test_command_prints_a_json_line_per_point_and_a_table():
   args = [sys.executable, '-m', 'lm.plan', '--config', 'experiments/shakespeare_char.py',
-          '--topology', 'v5e-4', '--sweep', 'model.remat=none,full', '--nounroll',
+          '--topology', 'v5e-4', '--sweep', 'model.remat=none,full', '--no_unroll',
           '--config.train.batch_size=8', '--config.model.n_layers=2']
   out = subprocess.run(args, capture_output=True, text=True, check=True).stdout.splitlines()
   rows = [json.loads(line) for line in out if line.startswith('{')]
@@ -226,3 +226,20 @@ def test_command_prints_a_json_line_per_point_and_a_table():
   bad = subprocess.run(args[:5] + ['--topology', 'v9-8'], capture_output=True, text=True)
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1].startswith("error: --topology='v9-8' is not")
+
+
+def test_the_state_layouts_benchmark_compiles_both_layouts_of_the_twins(capsys):
+  """benchmarks/state_layouts.py, with lm.plan's flags, on a small config."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parent.parent / 'benchmarks' / 'state_layouts.py'
+  spec = importlib.util.spec_from_file_location('state_layouts', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.main(['--config', 'experiments/shakespeare_char.py', '--topology', 'v5e-4',
+               '--config.train.batch_size=8', '--config.model.n_layers=2'])
+  row = json.loads(capsys.readouterr().out.splitlines()[-1])
+  for layouts in ('default', 'auto'):
+    one, two = row[f'{layouts}_twins_s']
+    assert 0 < one < two and row[f'{layouts}_per_layer_ms'] == pytest.approx(1e3 * (two - one))
+  assert row['saved'] == pytest.approx(1 - row['auto_est_step_s'] / row['default_est_step_s'])

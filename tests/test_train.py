@@ -28,7 +28,6 @@ SMALL = ['--config.model.n_layers=2', '--config.model.d_model=64', '--config.tra
 # as Ctrl-C does) when it reaches step KILL_AT, after the checkpoint of step WAIT_AT is written.
 KILLED_MAIN = '''
 import os, signal, sys
-from absl import app
 from lm import cli, main
 from lm.training import checkpoint
 from lm.training import loop as train
@@ -50,7 +49,7 @@ def push_or_die(self, step, metrics):
     os.kill(os.getpid(), SIGNAL)
   push(self, step, metrics)
 checkpoint.Checkpointer.save, train.Logger.push = save_and_wait, push_or_die
-app.run(main.main, flags_parser=cli.parse_flags)
+cli.run(main.main)
 '''
 
 

@@ -4,7 +4,7 @@ state and batch and compiled by libtpu on this machine, then read back: memory p
 FLOPs, the compiler's own estimate of the step time, and the collectives.
 
     python -m lm.plan --config experiments/X.py --topology v5p-64 [--config.a.b=v ...]
-        [--sweep model.remat=none,full ...] [--nounroll] [--breakdown 20]
+        [--sweep model.remat=none,full ...] [--no_unroll] [--breakdown 20]
 
 Prints a table and one JSON line per planned config. XLA's cost analysis counts the body of a
 loop once (scanned layers, gradient accumulation, the compiler's windowed einsums), so the
@@ -259,7 +259,7 @@ def plan(config: ml_collections.ConfigDict, topology: tpus.Topology, unroll: boo
   # 0.0.42 reports a temp_size of 0, or less than the peak, for some programs
   temp = max(memory.temp_size_in_bytes, memory.peak_memory_in_bytes - live)
   cost, cost_from, twins = _cost(config, program, compiled, unroll)
-  # XLA's estimate comes out negative for some loops (seen with --nounroll): no estimate
+  # XLA's estimate comes out negative for some loops (seen with --no_unroll): no estimate
   step_s = cost['optimal_seconds'] if cost['optimal_seconds'] > 0 else None
   try:
     hlo = compiled.as_text()

@@ -16,12 +16,13 @@ the default split fractions 0.9 / 0.05 / 0.05) are never trained on in any stage
 - prompts.jsonl {"prompt", "answer"} for RL, with `exact_match` as the reward function
   (`config.rl.reward=python:lm.tasks.reverse:exact_match`).
 """
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
+
+from lm.config import arguments
 
 DIGITS = 4
 STOP = '\n'
@@ -105,10 +106,7 @@ def evaluate(run_dir: str, examples: list[dict], seed: int = 0) -> dict[str, flo
 
 
 def main(argv: list[str]) -> None:
-  # the commands' style (lm.cli.parser, which a library module does not import)
-  parser = argparse.ArgumentParser(prog='python -m lm.tasks.reverse', description=__doc__,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                   allow_abbrev=False)
+  parser = arguments.parser('python -m lm.tasks.reverse', __doc__)
   sub = parser.add_subparsers(dest='command', required=True)
   make_cmd = sub.add_parser('make', help='write the task files')
   make_cmd.add_argument('--out', required=True, help='the directory to write the files to')
