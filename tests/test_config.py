@@ -51,6 +51,14 @@ def _validate(config, devices=8):
     ({'data.format': 'sft'}, 1, r"objective='lm' reads config.data.format='text', got 'sft'"),
     ({'train.objective': 'reward', 'data.format': 'preference', 'data.source': 'jsonl:p.jsonl',
       'lora.rank': 4}, 1, r'config.lora.rank=4 with .*reward'),
+    ({'model.parametrization': 'mu'}, 1, r"config.model.parametrization='mu' is not one of"),
+    ({'model.parametrization': 'mup'}, 1,
+     r'config.model.mup_base_width=0 must be a positive multiple of config.model.n_heads=8'),
+    ({'model.parametrization': 'mup', 'model.mup_base_width': 12}, 1,
+     r'config.model.mup_base_width=12 must be a positive multiple of config.model.n_heads=8'),
+    ({'model.parametrization': 'mup', 'model.mup_base_width': 16, 'optim.name': 'sgd'}, 1,
+     r"parametrization='mup' scales the learning rates of Adam-like optimizers .* got "
+     r"config.optim.name='sgd'"),
 ])
 def test_bad_config_names_the_field(overrides, devices, message):
   config = tiny_config()
@@ -258,7 +266,8 @@ COMMANDS = [('lm.main', []), ('lm.plan', []), ('lm.sample', []), ('lm.evaluate',
             ('lm.reward', []), ('lm.export', []), ('lm.quantize', []), ('lm.lowrank', []),
             ('lm.compare', []), ('lm.scaling', ['fit']), ('lm.scaling', ['plan']),
             ('lm.hf', ['import']), ('lm.hf', ['export']), ('lm.tasks.reverse', ['make']),
-            ('lm.tasks.reverse', ['eval']), ('launch.sweep', []), ('launch.runner', []),
+            ('lm.tasks.reverse', ['eval']), ('lm.mup', ['coord_check']), ('lm.mup', ['transfer']),
+            ('launch.sweep', []), ('launch.runner', []),
             ('launch.local', []),
             *((f'benchmarks/{path.name}', []) for path in sorted(
                 (ROOT / 'benchmarks').glob('*.py')) if path.stem not in (

@@ -79,6 +79,10 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
   """The command line of a command with `add_config`: args.config is the experiment's config
   with the overrides applied, args.experiment the FILE[:VARIANT] it came from."""
   args, rest = parser.parse_known_args(argv)
+  if not hasattr(args, 'lock_config'):   # a subcommand without the experiment flags
+    if rest:
+      parser.error(f'unrecognized arguments: {" ".join(rest)}')
+    return args
   unknown = [a for i, a in enumerate(rest) if not _is_override(a) and (
       re.match(r'-+[^\d.]', a) or i == 0 or '=' in rest[i - 1] or not _is_override(rest[i - 1]))]
   if unknown:

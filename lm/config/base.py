@@ -47,6 +47,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       use_bias=True,
       tie_embeddings=True,
       init_std=0.02,
+      # 'sp': standard parametrization; 'mup': maximal update parametrization (Yang et al.
+      # 2022), equal to 'sp' at d_model = mup_base_width, whose best learning rate carries
+      # over to wider models (hidden dimensions scaled with d_model, n_heads fixed)
+      parametrization='sp',
+      mup_base_width=0,       # with 'mup': the width where muP equals SP (a multiple of n_heads)
       dropout=0.0,
       dtype='bfloat16',       # compute dtype; logits and loss are always float32
       param_dtype='float32',
@@ -266,6 +271,7 @@ ARCHITECTURE = {
                      'use_bias', 'tie_embeddings', 'param_dtype'), EVERY_CHECKPOINT),
     'vocab_multiple': 1, 'attention_window': None, 'attention_global_every': 0,
     'lowrank_rank': 0, 'lowrank_targets': 'attn/(q|kv|o)|mlp/(wi|wo)',
+    'parametrization': 'sp', 'mup_base_width': 0,
 }
 
 

@@ -8,6 +8,9 @@ from lm.config import base, objective_traits
 from lm.config.checks import ConfigError, one_of
 
 QUANT_SCHEMES = ('none', 'int8', 'int4', 'nf4')
+# optimizers whose update per weight is about lr whatever its gradient's scale (Adam's rule of
+# muP applies: hidden weights' rate / width multiplier); SGD and Adafactor scale differently
+MUP_OPTIMIZERS = ('adamw', 'adam', 'lion')
 
 
 def validate(c: ml_collections.ConfigDict, device_count: int, vocab_size: int | None = None,
@@ -55,6 +58,21 @@ def _model(c: ml_collections.ConfigDict) -> None:
   if m.attention == 'cudnn' and m.dtype not in ('bfloat16', 'float16'):
     raise ConfigError(f"config.model.attention='cudnn' needs a 16-bit config.model.dtype, "
                       f'got {m.dtype!r}')
+  one_of('model.parametrization', m.parametrization, ('sp', 'mup'))
+  if m.parametrization == 'mup':
+    _mup(c)
+
+
+def _mup(c: ml_collections.ConfigDict) -> None:
+  m = c.model
+  if m.mup_base_width <= 0 or m.mup_base_width % m.n_heads:
+    raise ConfigError(f"config.model.mup_base_width={m.mup_base_width} must be a positive "
+                      f'multiple of config.model.n_heads={m.n_heads} under '
+                      "parametrization='mup' (the width where muP equals SP, with whole heads)")
+  if c.optim.name not in MUP_OPTIMIZERS:
+    raise ConfigError(f"config.model.parametrization='mup' scales the learning rates of Adam-"
+                      f'like optimizers ({", ".join(MUP_OPTIMIZERS)}), got config.optim.name='
+                      f'{c.optim.name!r}')
 
 
 def _data(c: ml_collections.ConfigDict) -> None:

@@ -51,6 +51,8 @@ class ModelConfig:
   use_bias: bool = True
   tie_embeddings: bool = True
   init_std: float = 0.02
+  parametrization: str = 'sp'      # 'mup': maximal update parametrization (see mup_* below)
+  mup_base_width: int = 0          # with 'mup': the d_model where it equals 'sp'
   dropout: float = 0.0
   dtype: str = 'float32'
   param_dtype: str = 'float32'
@@ -80,6 +82,27 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
+
+  # muP (Yang et al. 2022, Tensor Programs V, table 3) relative to SP at mup_base_width, for a
+  # width multiplier m = d_model / mup_base_width with every hidden dimension scaled with it:
+  # hidden kernels initialised with std / sqrt(m) (variance 1 / fan_in) and trained at Adam's
+  # learning rate / m (lm.training.optim); embeddings, norms and biases unchanged; logits
+  # multiplied by 1 / m (the readout stays the embedding table, tied or not, initialised as in
+  # SP); attention scores by 1 / head_dim instead of 1 / sqrt(head_dim). Every multiplier is 1
+  # at m = 1: muP then is SP, bit for bit.
+  @property
+  def mup_width_multiplier(self) -> float:
+    return self.d_model / self.mup_base_width if self.parametrization == 'mup' else 1.0
+
+  @property
+  def hidden_init_std(self) -> float:
+    return self.init_std / self.mup_width_multiplier ** 0.5
+
+  @property
+  def mup_query_multiplier(self) -> float:
+    """Queries are multiplied by this before attention's 1 / sqrt(head_dim): the scores then
+    scale as 1 / head_dim, equal to SP's at the base width's head_dim."""
+    return self.mup_width_multiplier ** -0.5
 
   def param_counts(self) -> dict[str, int]:
     """Parameter counts: `total`, and `non_embedding` (without token / position tables and
@@ -166,14 +189,16 @@ class Attention(nn.Module):
     """`is_global` (a bool, or a traced one under nn.scan): this layer ignores the window."""
     cfg = self.cfg
     H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q_BxLxHxDh = Linear((H, Dh), ('embed', 'heads', 'head_dim'), std=cfg.init_std,
+    q_BxLxHxDh = Linear((H, Dh), ('embed', 'heads', 'head_dim'), std=cfg.hidden_init_std,
                         name='q', **_dense(cfg))(x_BxLxD)
     kv_BxLx2xKxDh = Linear((2, K, Dh), ('embed', None, 'kv_heads', 'head_dim'),
-                           std=cfg.init_std, name='kv', **_dense(cfg))(x_BxLxD)
+                           std=cfg.hidden_init_std, name='kv', **_dense(cfg))(x_BxLxD)
     k_BxLxKxDh, v_BxLxKxDh = kv_BxLx2xKxDh[:, :, 0], kv_BxLx2xKxDh[:, :, 1]
     if cfg.positions == 'rope':
       q_BxLxHxDh = rotary(q_BxLxHxDh, positions_BxL, cfg.rope_theta)
       k_BxLxKxDh = rotary(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
+    if cfg.mup_query_multiplier != 1:
+      q_BxLxHxDh = q_BxLxHxDh * jnp.asarray(cfg.mup_query_multiplier, q_BxLxHxDh.dtype)
     q_BxLxHxDh = nn.with_logical_constraint(q_BxLxHxDh, ('batch', 'length', 'act_heads', None))
     q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh = (checkpoint_name(x, attention_lib.ATTENTION_RESIDUALS)
                                           for x in (q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh))
@@ -193,7 +218,7 @@ class Attention(nn.Module):
       out_BxLxHxDh = jax.lax.cond(is_global, lambda: attend(None),
                                   lambda: attend(cfg.attention_window))
     # GPT-2's scaled init of residual projections: std / sqrt(2 * n_layers).
-    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+    out_std = cfg.hidden_init_std / (2 * cfg.n_layers) ** 0.5
     y_BxLxD = Linear((cfg.d_model,), ('heads', 'head_dim', 'embed'), n_in=2, std=out_std,
                      name='o', **_dense(cfg))(out_BxLxHxDh)
     return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BxLxD)
@@ -231,14 +256,14 @@ class Mlp(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.cfg
     if cfg.mlp == 'swiglu':
-      gate_up = Linear((2, cfg.d_ff), ('embed', None, 'mlp'), std=cfg.init_std, name='wi',
-                       **_dense(cfg))(x_BxLxD)
+      gate_up = Linear((2, cfg.d_ff), ('embed', None, 'mlp'), std=cfg.hidden_init_std,
+                       name='wi', **_dense(cfg))(x_BxLxD)
       h_BxLxF = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
     else:
-      h_BxLxF = nn.gelu(Linear((cfg.d_ff,), ('embed', 'mlp'), std=cfg.init_std, name='wi',
-                               **_dense(cfg))(x_BxLxD))
+      h_BxLxF = nn.gelu(Linear((cfg.d_ff,), ('embed', 'mlp'), std=cfg.hidden_init_std,
+                               name='wi', **_dense(cfg))(x_BxLxD))
     h_BxLxF = nn.with_logical_constraint(h_BxLxF, ('batch', 'length', 'act_mlp'))
-    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+    out_std = cfg.hidden_init_std / (2 * cfg.n_layers) ** 0.5
     y_BxLxD = Linear((cfg.d_model,), ('mlp', 'embed'), std=out_std, name='wo',
                      **_dense(cfg))(h_BxLxF)
     return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(y_BxLxD)
@@ -338,6 +363,8 @@ class Transformer(nn.Module):
           (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
     logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD.astype(cfg.dtype),
                               table_VxD.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    if cfg.mup_width_multiplier != 1:
+      logits_BxLxV = logits_BxLxV / cfg.mup_width_multiplier
     logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ('batch', 'length', 'act_vocab'))
     if not cfg.scalar_head:
       return logits_BxLxV

@@ -27,19 +27,34 @@ def make_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
   raise ValueError(f'unknown schedule {o.schedule!r}')
 
 
+def _parameter_name(path) -> str:
+  """The last dict key of a parameter's path: a quantized kernel's leaves sit below it
+  (lm/compress/quant.py), and stacked (scanned) layers have the names of unstacked ones."""
+  return next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+
+
+def is_hidden(path) -> bool:
+  """A matmul kernel of the layers (u, v: a low-rank kernel's factors): the hidden, matrix-like
+  weights of muP, as opposed to embeddings, the readout, norm scales and biases."""
+  return _parameter_name(path) in ('kernel', 'u', 'v')
+
+
 def weight_decay_mask(params, decay_embeddings: bool):
   """True for the parameters that get weight decay: matmul kernels, and embedding tables when
-  decay_embeddings; never biases or norm scales. Decided by path, so stacked (scanned)
-  layers are treated like unstacked ones."""
+  decay_embeddings; never biases or norm scales."""
   def decays(path, _):
-    # the last dict key: a quantized kernel's leaves sit below it (lm/compress/quant.py)
-    name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
-    if name in ('kernel', 'u', 'v'):   # u, v: a low-rank kernel's factors
+    if is_hidden(path):
       return True
-    if name in ('embedding', 'pos_embed', 'head'):
-      return decay_embeddings
-    return False
+    return decay_embeddings and _parameter_name(path) in ('embedding', 'pos_embed', 'head')
   return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def scale_hidden(multiplier: float) -> optax.GradientTransformation:
+  """The updates of the hidden weights (`is_hidden`) multiplied by `multiplier`: after Adam,
+  their learning rate (and, being decoupled, their weight decay) times it. muP's
+  1 / width multiplier (lm.model.transformer.ModelConfig)."""
+  return optax.stateless(lambda updates, params=None: jax.tree_util.tree_map_with_path(
+      lambda path, u: u * multiplier if is_hidden(path) else u, updates))
 
 
 def _optimizers(o, schedule, mask) -> dict[str, Callable[[], optax.GradientTransformation]]:
@@ -59,9 +74,10 @@ def _optimizers(o, schedule, mask) -> dict[str, Callable[[], optax.GradientTrans
 
 
 def make_optimizer(o: ml_collections.ConfigDict, last: optax.GradientTransformation | None = None,
-                   platform: str | None = None
+                   platform: str | None = None, hidden_lr_multiplier: float = 1.0
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """clip -> optimizer (-> `last`, e.g. pruning's masks), wrapped so that a non-finite
+  """clip -> optimizer (-> the hidden weights' updates times `hidden_lr_multiplier`, muP's
+  1 / width multiplier) (-> `last`, e.g. pruning's masks), wrapped so that a non-finite
   gradient skips the update: by a branch or a select (`skip_nonfinite`), as
   config.optim.nonfinite_skip says; 'auto' branches when the step compiles for `platform`
   'cpu'.
@@ -73,6 +89,7 @@ def make_optimizer(o: ml_collections.ConfigDict, last: optax.GradientTransformat
   mask = lambda params: weight_decay_mask(params, o.decay_embeddings)
   steps = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
   steps.append(_optimizers(o, schedule, mask)[o.name]())
+  steps += [scale_hidden(hidden_lr_multiplier)] if hidden_lr_multiplier != 1 else []
   steps += [last] if last is not None else []
   branch = o.nonfinite_skip == 'branch' or (o.nonfinite_skip == 'auto' and platform == 'cpu')
   tx = skip_nonfinite(optax.chain(*steps), o.max_nonfinite_steps + 1, branch)

@@ -194,7 +194,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   objective = objectives.make(config, model, reference, teacher)
   tx, schedule = optim.make_optimizer(config.optim, prune.keep_pruned(
       config.prune, config.train.steps) if config.prune.method != 'none' else None,
-      platform=mesh.devices.flat[0].platform)
+      platform=mesh.devices.flat[0].platform,
+      hidden_lr_multiplier=1 / model_config.mup_width_multiplier)
   rules = sharding.rules(config)
   in_mesh = lambda fn: sharding.with_mesh(fn, mesh, rules)
   init, init_frozen = _initializers(config, model, teacher, tx)
