@@ -11,7 +11,7 @@ import sys
 import jax
 
 from lm import cli
-from lm.config import ConfigError, arguments, sweeps
+from lm.config import arguments, sweeps
 from lm.parallel import tpus
 from lm.planning import plan
 
@@ -36,20 +36,18 @@ def command_line(prog: str = 'python -m lm.plan') -> argparse.ArgumentParser:
 def main(argv: list[str]) -> None:
   args = arguments.parse(command_line(), argv)
   jax.config.update('jax_platforms', 'cpu')   # compiles for TPU, runs nothing: never take one
-  try:
-    topology = tpus.parse(args.topology)
-    points = sweeps.sweep_points(args.sweep)
-    rows = []
-    for i, point in enumerate(points):
-      print(f'planning {i + 1}/{len(points)} {sweeps.run_name(point)} on {topology.name} '
-            f'({topology.chips} chips): compiling (minutes for billions of parameters)',
-            file=sys.stderr, flush=True)
-      config = sweeps.apply(args.config, point)
-      row = {**point, **plan.plan(config, topology, args.unroll, args.breakdown)}
-      print(json.dumps(row), flush=True)
-      rows.append(row)
-  except ConfigError as e:
-    arguments.fail(str(e))
+  # a ConfigError (a bad topology, sweep or config) is one line: cli.run
+  topology = tpus.parse(args.topology)
+  points = sweeps.sweep_points(args.sweep)
+  rows = []
+  for i, point in enumerate(points):
+    print(f'planning {i + 1}/{len(points)} {sweeps.run_name(point)} on {topology.name} '
+          f'({topology.chips} chips): compiling (minutes for billions of parameters)',
+          file=sys.stderr, flush=True)
+    config = sweeps.apply(args.config, point)
+    row = {**point, **plan.plan(config, topology, args.unroll, args.breakdown)}
+    print(json.dumps(row), flush=True)
+    rows.append(row)
   print(plan.table(rows, list(points[0])))
 
 

@@ -26,14 +26,15 @@ PARAMETRIZATIONS = ('sp', 'mup')
 LABELS = {'sp': 'SP', 'mup': 'muP'}
 
 
-def layer_outputs(program, params, tokens_BxL) -> dict[str, float]:
-  """Mean |x| of each layer's output on a batch: the token embedding ('embed'), each block's
-  attention and MLP ('layers_I/attn', 'layers_I/mlp') and the logits ('logits')."""
+def layer_outputs(program):
+  """(params, tokens_BxL) -> mean |x| of each layer's output on the batch: the token embedding
+  ('embed'), each block's attention and MLP ('layers_I/attn', 'layers_I/mlp') and the logits
+  ('logits'); compiled once per program."""
   def watched(module, method: str) -> bool:
     return method == '__call__' and isinstance(
         module, (model_lib.Attention, model_lib.Mlp, nn.Embed))
 
-  def outputs(variables):
+  def outputs(variables, tokens_BxL):
     logits, state = program.model.apply(variables, tokens_BxL,
                                         capture_intermediates=watched, mutable='intermediates')
     found = {'logits': logits}
@@ -41,8 +42,9 @@ def layer_outputs(program, params, tokens_BxL) -> dict[str, float]:
       keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
       found['/'.join(keys[:-1])] = value   # the last key: '__call__'
     return {name: jnp.mean(jnp.abs(x.astype(jnp.float32))) for name, x in found.items()}
-  means = program.in_mesh(jax.jit(outputs))(program.variables(params))
-  return {name: float(v) for name, v in means.items()}
+  jitted = program.in_mesh(jax.jit(outputs))
+  return lambda params, tokens_BxL: {
+      name: float(v) for name, v in jitted(program.variables(params), tokens_BxL).items()}
 
 
 def at_width(config: ml_collections.ConfigDict, width: int,
@@ -68,11 +70,11 @@ def record(config: ml_collections.ConfigDict, width: int, parametrization: str, 
   state = program.init(jax.random.PRNGKey(ready.config.train.seed))
   batches = [train.global_batch(program, next(data.train), ready.config.train.batch_size)
              for _ in range(steps)]
-  probe = batches[0]['inputs']
-  rows = [layer_outputs(program, state.params, probe)]
+  probe, measure = batches[0]['inputs'], layer_outputs(program)
+  rows = [measure(state.params, probe)]
   for batch in batches:
     state, _ = program.train_step(state, batch)
-    rows.append(layer_outputs(program, state.params, probe))
+    rows.append(measure(state.params, probe))
   return rows
 
 
